@@ -1,0 +1,77 @@
+"""Backend selection: which implementation of docs/kernel_contract.md runs a device's step.
+
+"reference" is the per-tensor PyTorch math of fusedopt.reference (any device, any float dtype,
+syncs); "triton" and "cuda" are the fused kernels (CUDA tensors, fp32/bf16/fp16, no sync).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# backend="auto" on CUDA tensors tries these in order. The CUDA backend comes first where it is
+# built: bench/results/ records it at least as fast as Triton at every benchmarked shape.
+AUTO_GPU_ORDER = ("cuda", "triton")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(name: str) -> bool:
+    if name == "reference":
+        return True
+    if name == "triton":
+        return importlib.util.find_spec("triton") is not None
+    if name == "cuda":
+        from fusedopt import cuda_backend
+        return cuda_backend.is_available()
+    return False
+
+
+def resolve(name: str, device: torch.device, dtypes) -> str:
+    """The concrete backend for the tensors of one device; a clear error if it cannot run them."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "reference"
+        for candidate in AUTO_GPU_ORDER:
+            if available(candidate):
+                name = candidate
+                break
+        else:
+            return "reference"
+    if name == "reference":
+        return name
+    for dtype in dtypes:
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(f"params: backend={name!r} supports float32, bfloat16 and float16 "
+                            f"parameters, got {dtype}; use backend='reference' for {dtype}")
+    if name == "triton":
+        if not available("triton"):
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if device.type != "cuda" and not triton_interpreted():
+            raise RuntimeError(f"backend='triton' runs on CUDA tensors; params are on {device}. "
+                               "(CPU tensors run only under TRITON_INTERPRET=1, for tests.)")
+    if name == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f"backend='cuda' runs on CUDA tensors; params are on {device}")
+        if not available("cuda"):
+            raise RuntimeError("backend='cuda' needs the compiled extension fusedopt._C, which "
+                               "is not built: reinstall with nvcc on PATH (pip install -e .), "
+                               "or use backend='triton'")
+    return name
+
+
+def kernels(name: str):
+    """The module holding grad_norm, tensor_reduce, finalize and update for a kernel backend."""
+    if name == "triton":
+        return importlib.import_module("fusedopt.triton_kernels")
+    if name == "cuda":
+        return importlib.import_module("fusedopt.cuda_backend")
+    raise ValueError(f"{name!r} is not a kernel backend")

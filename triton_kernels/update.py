@@ -1,0 +1,158 @@
+"""update: the one update kernel, Adam(W/C) or SGD(C) selected by a constexpr flag.
+
+One program per BLOCK (4096 elements). The optimizer math lives here once; ADAM and STATS are
+constexpr so the unused paths compile away. Scalars (lr, decay, bias corrections) are formed
+per block in fp64, as torch.optim forms them in Python doubles; element math is fp32.
+
+Bytes per element, fp32 Adam: read g, p, m, v (16 B), write p, m, v (12 B) = 28 B; with the
+grad_norm pass (4 B) the step moves 32 B/param. bf16 params: 2+2 (g), 2+2 (p), 8+8 (m, v) = 24 B
+here, 26 B per step. Statistics add 4 B per block per column, ~0.1% at BLOCK = 4096.
+
+On found_inf the kernel branches out before touching anything: a skip factor would turn
+0 * NaN into NaN in the moments.
+"""
+import triton
+import triton.language as tl
+
+from fusedopt.flat import (BETA1, BETA2, BLOCK, CLIP_COEF, CORRECTED, DAMPENING, EPS, FOUND_INF,
+                           HYPER_COLUMNS, INV_SCALE, LR, MAX_LR, MOMENTUM, NESTEROV, WEIGHT_DECAY)
+
+
+@triton.jit
+def _power(base, exponent):
+    """base ** exponent by squaring, in fp64: exact to a few ulps for any step count (an exp2/log2
+    in fp32 would put a 1e-4 relative error on 1 - beta2 ** t at t = 1)."""
+    result = base * 0.0 + 1.0
+    remaining = exponent
+    while remaining > 0:
+        result = tl.where((remaining & 1) == 1, result * base, result)
+        base = base * base
+        remaining = remaining >> 1
+    return result
+
+
+@triton.jit
+def _store_partials(stats_ptr, stride, pid, weight_sumsq, update_sumsq, third, vhat_max, vhat_sum,
+                    decreased, ADAM: tl.constexpr):
+    tl.store(stats_ptr + pid, weight_sumsq)
+    tl.store(stats_ptr + stride + pid, update_sumsq)
+    tl.store(stats_ptr + 2 * stride + pid, third)
+    if ADAM:
+        tl.store(stats_ptr + 3 * stride + pid, vhat_max)
+        tl.store(stats_ptr + 4 * stride + pid, vhat_sum)
+        tl.store(stats_ptr + 5 * stride + pid, decreased)
+
+
+@triton.jit
+def update_kernel(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, block_tensor_ptr, tensor_end_ptr,
+                  tensor_group_ptr, tensor_step_ptr, hyper_ptr, globals_ptr, stats_ptr,
+                  stats_stride, ADAM: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    tensor = tl.load(block_tensor_ptr + pid)
+    group = tl.load(tensor_group_ptr + tensor)
+    found_inf = tl.load(globals_ptr + FOUND_INF)
+    offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(tensor_end_ptr + tensor)
+    row = hyper_ptr + group * HYPER_COLUMNS
+    if group < 0:
+        if STATS:
+            if ADAM:
+                _store_partials(stats_ptr, stats_stride, pid, 0.0, 0.0, float("inf"),
+                                float("-inf"), 0.0, 0.0, ADAM)
+            else:
+                _store_partials(stats_ptr, stats_stride, pid, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ADAM)
+    elif found_inf != 0:
+        if STATS:
+            # A skipped step reports the unchanged state: weight norm, no update, current v-hat.
+            p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            m1 = tl.load(moment1_ptr + offsets, mask=mask, other=0.0)
+            if ADAM:
+                step = tl.load(tensor_step_ptr + tensor).to(tl.int32)
+                correction2 = tl.maximum(1.0 - _power(tl.load(row + BETA2).to(tl.float64), step),
+                                         1e-300)
+                correction2 = tl.where(step > 0, correction2, 1.0)
+                vhat = tl.load(moment2_ptr + offsets, mask=mask, other=0.0) / correction2.to(tl.float32)
+                _store_partials(stats_ptr, stats_stride, pid, tl.sum(p * p, axis=0), 0.0,
+                                tl.min(tl.where(mask, vhat, float("inf")), axis=0),
+                                tl.max(tl.where(mask, vhat, float("-inf")), axis=0),
+                                tl.sum(vhat, axis=0), 0.0, ADAM)
+            else:
+                _store_partials(stats_ptr, stats_stride, pid, tl.sum(p * p, axis=0), 0.0,
+                                tl.sum(m1 * m1, axis=0), 0.0, 0.0, 0.0, ADAM)
+    else:
+        lr = tl.load(row + LR).to(tl.float64)
+        weight_decay = tl.load(row + WEIGHT_DECAY).to(tl.float64)
+        # AdamC / SGDC (Defazio 2025, arXiv 2506.02285): decay lr * wd * (lr / max_lr).
+        k = tl.where(tl.load(row + CORRECTED) != 0, lr / tl.load(row + MAX_LR).to(tl.float64), 1.0)
+        step = tl.load(tensor_step_ptr + tensor).to(tl.int32)
+        p_old = tl.load(param_ptr + offsets, mask=mask, other=0.0)
+        p = p_old.to(tl.float32)
+        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        # Two multiplies in torch's order: unscale_ (g * 1/scale), then clip_grad_norm_'s g * c.
+        g = g * tl.load(globals_ptr + INV_SCALE) * tl.load(globals_ptr + CLIP_COEF)
+        if ADAM:
+            m1 = tl.load(moment1_ptr + offsets, mask=mask, other=0.0)
+            beta1 = tl.load(row + BETA1).to(tl.float64)
+            beta2 = tl.load(row + BETA2).to(tl.float64)
+            eps = tl.load(row + EPS)
+            correction1 = 1.0 - _power(beta1, step)
+            correction2 = 1.0 - _power(beta2, step)
+            step_size = (lr / correction1).to(tl.float32)
+            correction2_sqrt = tl.sqrt(correction2).to(tl.float32)
+            v = tl.load(moment2_ptr + offsets, mask=mask, other=0.0)
+            gg = g * g
+            decreased = tl.sum((mask & (gg < v)).to(tl.float32), axis=0)
+            p = p * (1.0 - lr * weight_decay * k).to(tl.float32)
+            m1 = beta1.to(tl.float32) * m1 + (1.0 - beta1).to(tl.float32) * g
+            v = beta2.to(tl.float32) * v + (1.0 - beta2).to(tl.float32) * gg
+            # IEEE sqrt and division (Triton's defaults are approximate) to stay within
+            # rounding of torch's sqrt() and addcdiv_.
+            denom = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps
+            p = p - step_size * tl.div_rn(m1, denom)
+            tl.store(moment2_ptr + offsets, v, mask=mask)
+            tl.store(moment1_ptr + offsets, m1, mask=mask)
+        else:
+            momentum = tl.load(row + MOMENTUM)
+            direction = g
+            momentum_sumsq = 0.0
+            if weight_decay != 0:
+                direction = direction + (weight_decay * k).to(tl.float32) * p
+            if momentum != 0:
+                # Without momentum the buffer is neither read nor written (4 B/elem saved).
+                dampening = tl.load(row + DAMPENING)
+                m1 = tl.load(moment1_ptr + offsets, mask=mask, other=0.0)
+                m1 = tl.where(step == 1, direction, momentum * m1 + (1.0 - dampening) * direction)
+                tl.store(moment1_ptr + offsets, m1, mask=mask)
+                momentum_sumsq = tl.sum(m1 * m1, axis=0)
+                if tl.load(row + NESTEROV) != 0:
+                    direction = direction + momentum * m1
+                else:
+                    direction = m1
+            p = p - lr.to(tl.float32) * direction
+        p_new = p.to(p_old.dtype)
+        tl.store(param_ptr + offsets, p_new, mask=mask)
+        if STATS:
+            p_stored = p_new.to(tl.float32)
+            delta = p_stored - p_old.to(tl.float32)
+            if ADAM:
+                vhat = v / correction2.to(tl.float32)
+                _store_partials(stats_ptr, stats_stride, pid, tl.sum(p_stored * p_stored, axis=0),
+                                tl.sum(delta * delta, axis=0),
+                                tl.min(tl.where(mask, vhat, float("inf")), axis=0),
+                                tl.max(tl.where(mask, vhat, float("-inf")), axis=0),
+                                tl.sum(vhat, axis=0), decreased, ADAM)
+            else:
+                _store_partials(stats_ptr, stats_stride, pid, tl.sum(p_stored * p_stored, axis=0),
+                                tl.sum(delta * delta, axis=0), momentum_sumsq, 0.0, 0.0, 0.0, ADAM)
+
+
+def update(optimizer, param, grad, moment1, moment2, block_tensor, tensor_end, tensor_group,
+           tensor_step, hyper, globals_, stats_partials):
+    """One Adam ("adam") or SGD ("sgd") update over a flat buffer; see docs/kernel_contract.md."""
+    adam = optimizer == "adam"
+    stats = stats_partials is not None
+    update_kernel[(block_tensor.numel(),)](
+        param, grad, moment1, moment2 if adam else moment1, block_tensor, tensor_end, tensor_group,
+        tensor_step, hyper, globals_, stats_partials if stats else globals_,
+        stats_partials.stride(0) if stats else 0, ADAM=adam, STATS=stats, BLOCK=BLOCK,
+        num_warps=8)
