@@ -265,16 +265,20 @@ def fusedopt_status() -> dict:
     except Exception as e:  # any import failure means the same thing here: no fusedopt rows
         return {"fusedopt": f"not importable: {type(e).__name__}: {e}", "cuda_ext": "fusedopt not importable"}
     try:
-        import fusedopt._C  # noqa: F401
-        ext = None
-    except Exception as e:
-        ext = (f"fusedopt._C not built ({type(e).__name__}: {e}); build it with "
-               "`python3 -m pip install --no-build-isolation --no-deps -e .`")
+        from fusedopt import backends
+        built = backends.available("cuda")
+        why = "backends.available('cuda') is False"
+    except Exception as e:  # the CUDA backend module itself may not exist yet
+        built, why = False, f"{type(e).__name__}: {e}"
+    ext = None if built else (f"fusedopt._C not built ({why}); build it with "
+                              "`python3 -m pip install --no-build-isolation --no-deps -e .`")
     return {"fusedopt": None, "cuda_ext": ext, "version": getattr(fusedopt, "__version__", None)}
 
 
 def unavailable(provider: Provider, device: torch.device, fstatus: dict) -> str | None:
-    if provider.needs_cuda and device.type != "cuda":
+    interpreted = (provider.fusedopt_backend == "triton" and not provider.graph
+                   and os.environ.get("TRITON_INTERPRET") == "1")
+    if provider.needs_cuda and device.type != "cuda" and not interpreted:
         return "needs CUDA"
     if provider.cpu_only and device.type != "cpu":
         return "CPU-only provider (per-tensor reference math)"
