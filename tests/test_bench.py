@@ -137,7 +137,7 @@ def test_write_json_and_markdown(tmp_path):
 
 def test_dry_run_end_to_end(tmp_path):
     rc = bench_step.main(["--dry-run", "--out-dir", str(tmp_path), "--name", "dry", "--dtypes", "fp32",
-                          "--providers", "torch_foreach,stock_pipeline,fusedopt_triton,fusedopt_reference"])
+                          "--providers", "torch_foreach,stock_pipeline,fusedopt_triton_graph,fusedopt_reference"])
     assert rc == 0
     data = json.loads((tmp_path / "dry.json").read_text())
     by_provider = {r["provider"]: r for r in data["rows"]}
@@ -147,6 +147,6 @@ def test_dry_run_end_to_end(tmp_path):
         assert row["status"] == "ok", row["note"]
         assert row["ms_p20"] <= row["ms_median"] <= row["ms_p80"]
         assert row["bytes_per_step"] == 32 * sum(bench_step.numel(s) for _, s in bench_step.tiny())
-    assert by_provider["fusedopt_triton"]["status"] == "skipped"
+    assert by_provider["fusedopt_triton_graph"]["status"] == "skipped"  # CUDA graphs need CUDA
     assert by_provider["fusedopt_reference"]["status"] in ("ok", "skipped")
     assert (tmp_path / "dry.md").exists()
