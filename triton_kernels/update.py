@@ -32,6 +32,19 @@ def _power(base, exponent):
 
 
 @triton.jit
+def _store_rounding(x, dtype: tl.constexpr):
+    """fp32 -> storage dtype, round to nearest even as torch's casts do. bf16 is rounded with
+    integer ops: Triton 3.9's interpreter truncates fp32 -> bf16 casts (even with
+    fp_downcast_rounding="rtne"), and the same bits come out of the GPU's cvt.rn.bf16.f32."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _store_partials(stats_ptr, stride, pid, weight_sumsq, update_sumsq, third, vhat_max, vhat_sum,
                     decreased, ADAM: tl.constexpr):
     tl.store(stats_ptr + pid, weight_sumsq)
@@ -129,7 +142,7 @@ def update_kernel(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, block_tensor_pt
                 else:
                     direction = m1
             p = p - lr.to(tl.float32) * direction
-        p_new = p.to(p_old.dtype)
+        p_new = _store_rounding(p, p_old.dtype)
         tl.store(param_ptr + offsets, p_new, mask=mask)
         if STATS:
             p_stored = p_new.to(tl.float32)
