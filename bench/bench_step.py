@@ -346,7 +346,7 @@ def measure(step, device, args) -> dict:
     return {"run1": run1, "run2": run2, "reps": reps}
 
 
-def _probe(params) -> list[torch.Tensor]:
+def probe_params(params) -> list[torch.Tensor]:
     return [params[0].detach().reshape(-1)[:4096].float().clone(),
             params[-1].detach().reshape(-1)[:4096].float().clone()]
 
@@ -354,7 +354,7 @@ def _probe(params) -> list[torch.Tensor]:
 def check_moved(params, before) -> str:
     """A step that silently skipped (found_inf stuck at 1, a dead kernel) would look very fast:
     check that the parameters moved and stayed finite. Syncs, after timing only."""
-    after = _probe(params)
+    after = probe_params(params)
     if not all(torch.isfinite(a).all().item() for a in after):
         return "parameters became non-finite"
     if all(torch.equal(a, b) for a, b in zip(after, before)):
@@ -404,7 +404,7 @@ def free_memory(device: torch.device) -> None:
 def run_provider(provider: Provider, shape: str, dtype: str, device, args, copy_gbps) -> dict:
     base = row_base(shape, dtype, provider.name)
     params = make_params(SHAPES[shape](), DTYPES[dtype], device, seed=args.seed)
-    before = _probe(params)
+    before = probe_params(params)
     graph = None
     try:
         step = provider.build(params, device)
@@ -562,13 +562,15 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-budget-s", type=float, default=0.0,
                     help="stop starting providers when this much wall time is used (0: no limit)")
+    ap.add_argument("--provider-min-s", type=float, default=15.0,
+                    help="start an eager provider only with at least this much budget left")
     ap.add_argument("--compile-timeout-s", type=float, default=240.0,
                     help="most wall time for one torch_compiled child (compile + timing)")
     ap.add_argument("--compile-min-s", type=float, default=60.0,
                     help="start a torch_compiled child only with at least this much budget left")
     ap.add_argument("--profile", default=None,
                     help="ncu mode: build these providers (comma list) for the first shape/dtype, "
-                         "warm up, run 2 steps inside the NVTX range 'fusedopt_step'; no timing")
+                         "warm up, run 2 steps between cudaProfilerStart/Stop; no timing")
     ap.add_argument("--child-row", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--copy-gbps", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -614,8 +616,8 @@ def child_main(args, device) -> int:
 
 
 def profile_main(args, device) -> int:
-    """Under ncu: only the steps inside the NVTX range are profiled (ncu --nvtx --nvtx-include
-    'fusedopt_step/'), so warm-up, Triton compilation and setup stay out of the report."""
+    """Under `ncu --profile-from-start off`: only the 2 steps between cudaProfilerStart and Stop
+    are profiled, so warm-up, Triton compilation and setup stay out of the report."""
     shapes = SHAPES[args.shapes[0]]()
     fstatus = fusedopt_status()
     for name in args.profile.split(","):
@@ -625,18 +627,23 @@ def profile_main(args, device) -> int:
             print(f"[profile] skip {name}: {reason}")
             continue
         params = make_params(shapes, DTYPES[args.dtypes[0]], device, seed=args.seed)
-        step = provider.build(params, device)
-        for _ in range(args.warmup):
-            step()
-        sync(device)
-        torch.cuda.nvtx.range_push("fusedopt_step")
-        for _ in range(2):
-            step()
-        torch.cuda.nvtx.range_pop()
-        sync(device)
-        print(f"[profile] {name} {args.shapes[0]} {args.dtypes[0]}: 2 steps in NVTX range fusedopt_step")
-        del params, step
-        free_memory(device)
+        try:
+            step = provider.build(params, device)
+            for _ in range(args.warmup):
+                step()
+            sync(device)
+            torch.cuda.profiler.start()
+            for _ in range(2):
+                step()
+            sync(device)
+            torch.cuda.profiler.stop()
+            print(f"[profile] {name} {args.shapes[0]} {args.dtypes[0]}: 2 steps profiled")
+        except Exception as e:  # report and go on to the next provider
+            print(f"[profile] {name} failed: {type(e).__name__}: {e}")
+        finally:
+            del params
+            step = None
+            free_memory(device)
     return 0
 
 
@@ -683,7 +690,7 @@ def main(argv=None) -> int:
     for dtype, shape in combos:
         for provider in fast:
             reason = unavailable(provider, device, fstatus)
-            if reason is None and left() < 5:
+            if reason is None and left() < args.provider_min_s:
                 reason = "time budget used up"
             if reason:
                 emit(skipped_row(shape, dtype, provider.name, reason))

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# fusedopt GPU suite: the one command for the GPU machine, run from the repository root.
+#
+#   GIT_COMMIT=<sha> bash bench/gpu_suite.sh              # the device tool sets OUT
+#   GIT_COMMIT=<sha> NCU=1 SKIP_TESTS=1 bash bench/gpu_suite.sh
+#
+# Steps, each time-boxed so that the whole suite ends inside SUITE_BUDGET_S (default 500 s; the
+# device allows 600 s per command and kills the pipeline at the limit):
+#   1. versions: nvidia-smi, python/torch/triton, nvcc, ncu, cmake, ninja        -> suite.log
+#   2. build fusedopt._C in place without network (pip install -e .); on failure
+#      install the Python package alone and go on with the Triton backend          -> build.log
+#   3. GPU tests: pytest -x -m "gpu or not slow" tests/                              -> tests.log
+#   4. pytest-benchmark microbenchmarks, bench/test_bench_step.py                    -> microbench.json
+#   5. the step benchmark, bench/bench_step.py (writes after every row, so a cut
+#      leaves the rows so far)                                                        -> <name>.json, .md
+#   6. NCU=1 only: Nsight Compute DRAM bytes and % of peak of every kernel of two
+#      fused steps (Triton, then CUDA), llama_1b fp32                                -> ncu.txt
+# Seven files at most come back in $OUT (the device returns eight).
+#
+# Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, TESTS_CAP_S, MICRO_CAP_S, NCU_CAP_S,
+# SKIP_BUILD=1 (no CUDA build; installs the Python package only if needed), SKIP_TESTS=1, SKIP_MICRO=1, NCU=1, NCU_SHAPE, NAME (results stem),
+# BENCH_ARGS (extra bench_step.py arguments, e.g. "--shapes llama_1b --dtypes fp32"),
+# GIT_COMMIT (recorded in the results; the device's copy of the tree has no .git).
+set -u -o pipefail
+: "${OUT:?set OUT to the folder the results go to}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1
+
+BUDGET=${SUITE_BUDGET_S:-500}
+# Least time each later step needs, held back from the earlier ones (seconds).
+BENCH_FLOOR=180
+NCU_RESERVE=0
+[[ -n ${NCU:-} ]] && NCU_RESERVE=${NCU_CAP_S:-120}
+
+elapsed() { echo $((SECONDS - START)); }
+# cap WANT RESERVE: WANT seconds, or less so that RESERVE seconds stay for what follows.
+cap() {
+    local want=$1 left=$((BUDGET - (SECONDS - START) - $2))
+    ((left < want)) && want=$left
+    ((want < 0)) && want=0
+    echo "$want"
+}
+say() { printf '\n=== [%3ss] %s\n' "$(elapsed)" "$*"; }
+
+versions() {
+    say "versions"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit --format=csv || echo "nvidia-smi failed"
+    python3 - <<'EOF'
+import platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda})")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, "
+          f"L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+else:
+    print("torch sees no CUDA device")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except ImportError as e:
+    print(f"triton missing: {e}")
+EOF
+    nvcc --version 2>&1 | grep -i release || echo "nvcc missing"
+    ncu --version 2>&1 | tail -n 1 || echo "ncu missing"
+    cmake --version 2>&1 | head -n 1
+    echo "ninja $(ninja --version 2>&1)"
+    echo "git commit: ${GIT_COMMIT:-unknown (set GIT_COMMIT)}"
+}
+
+cuda_backend_built() {
+    python3 -c "import sys; from fusedopt import backends; sys.exit(0 if backends.available('cuda') else 1)" 2>/dev/null
+}
+
+ensure_importable() {
+    python3 -c "import fusedopt.triton_kernels" 2>/dev/null && return
+    echo "fusedopt not importable: installing the Python package alone (FUSEDOPT_SKIP_CUDA_BUILD=1)"
+    FUSEDOPT_SKIP_CUDA_BUILD=1 timeout -k 10 120 \
+        python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$OUT/build.log" 2>&1
+    python3 -c "import fusedopt.triton_kernels" || echo "fusedopt still not importable: its rows will be skipped"
+}
+
+build() {
+    local t
+    t=$(cap "${BUILD_CAP_S:-240}" $((BENCH_FLOOR + NCU_RESERVE + 60)))
+    say "build fusedopt (CUDA extension for sm_${FUSEDOPT_CUDA_ARCHS:-90}), limit ${t}s"
+    # sm_90 only: the H100 needs no other architecture, and one target halves the nvcc time.
+    FUSEDOPT_CUDA_ARCHS=${FUSEDOPT_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
+        timeout -k 10 "$t" python3 -m pip install --no-build-isolation --no-deps --no-index -e . \
+        >"$OUT/build.log" 2>&1
+    local rc=$?
+    tail -n 12 "$OUT/build.log"
+    if cuda_backend_built; then
+        echo "CUDA backend: built (pip exit $rc)"
+        return
+    fi
+    echo "CUDA backend: NOT available (pip exit $rc, see build.log); continuing with the Triton backend"
+    ensure_importable
+}
+
+gpu_tests() {
+    local t
+    t=$(cap "${TESTS_CAP_S:-150}" $((BENCH_FLOOR + NCU_RESERVE)))
+    say "tests: pytest -x -m 'gpu or not slow' tests/, limit ${t}s"
+    # SIGINT at the limit: pytest then reports the test it was in and the summary so far.
+    timeout -s INT -k 15 "$t" python3 -m pytest -x -q -p no:cacheprovider -m "gpu or not slow" \
+        --durations=15 tests/ >"$OUT/tests.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/tests.log"
+    ((rc == 124 || rc == 137 || rc == 2)) && echo "tests: exit $rc; 124/137/2 can mean cut at the ${t}s limit"
+    echo "tests: exit $rc"
+}
+
+microbench() {
+    local t
+    t=$(cap "${MICRO_CAP_S:-60}" $((BENCH_FLOOR + NCU_RESERVE)))
+    say "pytest-benchmark microbenchmarks, limit ${t}s"
+    timeout -k 10 "$t" python3 -m pytest -q -p no:cacheprovider bench/test_bench_step.py \
+        --benchmark-json="$OUT/microbench.json" --benchmark-columns=min,median,max,rounds \
+        --benchmark-sort=name 2>&1 | tail -n 30
+    echo "microbenchmarks: exit ${PIPESTATUS[0]}"
+}
+
+step_bench() {
+    local t budget
+    t=$(cap 100000 $((NCU_RESERVE + 5)))
+    # bench_step.py stops starting providers 15 s before the hard limit, so it writes its tables.
+    budget=$((t - 15))
+    say "step benchmark, limit ${t}s"
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    timeout -k 10 "$t" python3 bench/bench_step.py --out-dir "$OUT" ${NAME:+--name "$NAME"} \
+        --time-budget-s "$budget" ${BENCH_ARGS:-}
+    local rc=$?
+    ((rc == 124 || rc == 137)) && echo "step benchmark: cut at the ${t}s limit; the tables hold the rows so far"
+    echo "step benchmark: exit $rc"
+}
+
+ncu_profile() {
+    local t
+    t=$(cap "${NCU_CAP_S:-120}" 0)
+    say "ncu: DRAM traffic of the fused step's kernels (${NCU_SHAPE:-llama_1b} fp32), limit ${t}s"
+    # --clock-control none: measure at the clocks the benchmark ran at (ncu locks base clocks
+    # otherwise). --profile-from-start off: only the steps between cudaProfilerStart/Stop.
+    timeout -k 10 "$t" ncu --profile-from-start off --clock-control none \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__bytes.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+        python3 bench/bench_step.py --profile fusedopt_triton,fusedopt_cuda \
+        --shapes "${NCU_SHAPE:-llama_1b}" --dtypes fp32 >"$OUT/ncu.txt" 2>&1
+    echo "ncu: exit $?"
+    grep -E '\(([0-9]+, ?){2}[0-9]+\)x|dram__|gpu__time|\[profile\]|==ERROR==|==WARNING==' "$OUT/ncu.txt" | head -n 80
+}
+
+main() {
+    START=$SECONDS
+    say "fusedopt GPU suite: budget ${BUDGET}s, results in $OUT"
+    versions
+    if [[ -z ${SKIP_BUILD:-} ]]; then
+        build
+    else
+        say "build skipped (SKIP_BUILD): Python package only if it is not importable"
+        ensure_importable
+    fi
+    [[ -z ${SKIP_TESTS:-} ]] && gpu_tests
+    [[ -z ${SKIP_MICRO:-} ]] && microbench
+    step_bench
+    [[ -n ${NCU:-} ]] && ncu_profile
+    say "done in $(elapsed)s; the step benchmark's table (also in $OUT):"
+    for md in "$OUT"/*.md; do
+        [[ -f $md ]] && cat "$md"
+    done
+}
+
+main 2>&1 | tee "$OUT/suite.log"
