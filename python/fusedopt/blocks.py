@@ -56,9 +56,9 @@ CORRECTED_TYPES = frozenset({"QK", "VO", "QKV", "FFN"})
 _QK_NAMES = frozenset({"q_proj", "k_proj", "query", "key", "q", "k", "wq", "wk", "q_attn", "k_attn",
                        "q_lin", "k_lin", "to_q", "to_k"})
 _VO_NAMES = frozenset({"v_proj", "o_proj", "value", "out_proj", "v", "o", "wv", "wo", "v_attn",
-                       "v_lin", "out_lin", "to_v", "to_out"})
+                       "v_lin", "out_lin", "to_v", "to_out", "attn_out", "attn_proj"})
 _QKV_NAMES = frozenset({"c_attn", "qkv", "qkv_proj", "wqkv", "query_key_value", "in_proj"})
-_FFN_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "c_fc", "fc1", "fc2", "fc_in", "fc_out",
+_FFN_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "c_fc", "fc", "fc1", "fc2", "fc_in", "fc_out",
                         "w1", "w2", "w3", "gate_up_proj", "dense_h_to_4h", "dense_4h_to_h", "lin1",
                         "lin2", "wi", "wi_0", "wi_1"})
 _HEAD_NAMES = frozenset({"lm_head", "head", "output", "embed_out", "output_layer"})

@@ -167,13 +167,37 @@ class SpikeMonitor:
         self.first_flag: torch.Tensor | None = None  # int64: update count of the first flag, -1 none
         self.frac: torch.Tensor | None = None
         self.max_step: torch.Tensor | None = None
+        self._gidx_key = None
+        self._gidx: torch.Tensor | None = None
 
-    def _per_tensor_hyper(self, key: str, default: float, device) -> torch.Tensor:
-        # Stats follow the optimizer's order: groups in order, params in order within a group.
-        # torch.full from a Python float is a fill kernel: no host-to-device copy, no sync.
-        parts = [torch.full((len(g["params"]),), float(g.get(key, default)), device=device)
-                 for g in self.optimizer.param_groups]
-        return torch.cat(parts)
+    def _group_index(self, names: Sequence[str], device) -> torch.Tensor:
+        """Param-group index of each statistics entry, cached on the device.
+
+        Statistics are ordered by the optimizer's flat buffers (device, then dtype), which is the
+        group order only for a single-dtype model, so entries are matched to groups by name when
+        the groups carry names (torch.optim's "param_names", set for named parameters)."""
+        key = (tuple(names), str(device))
+        if self._gidx_key != key:
+            by_name, order = {}, []
+            for gi, group in enumerate(self.optimizer.param_groups):
+                for name in group.get("param_names") or [None] * len(group["params"]):
+                    order.append(gi)
+                    if name is not None:
+                        by_name[name] = gi
+            idx = [by_name[n] if n in by_name else order[i] for i, n in enumerate(names)]
+            self._gidx = torch.tensor(idx, dtype=torch.int64, device=device)
+            self._gidx_key = key
+        return self._gidx
+
+    def _per_tensor_hyper(self, key: str, names: Sequence[str], device) -> torch.Tensor:
+        # One fill kernel per group from the Python value (no host-to-device copy, no sync),
+        # so a scheduler's lr is picked up every step.
+        values = []
+        for g in self.optimizer.param_groups:
+            v = g[key]
+            values.append(v.detach().reshape(1).to(device=device, dtype=torch.float32)
+                          if torch.is_tensor(v) else torch.full((1,), float(v), device=device))
+        return torch.cat(values)[self._group_index(names, device)]
 
     def update(self, stats, lr: float | torch.Tensor | None = None,
                eps: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -181,6 +205,8 @@ class SpikeMonitor:
 
         lr and eps default to the optimizer's current per-group values (so a scheduler is
         followed); pass them (scalar or per-tensor) when the monitor has no optimizer.
+        Tensors without a gradient this step (NaN statistics) break their run and leave their
+        reference unchanged.
         """
         frac = stats.per_tensor["v_decrease_frac"].float()
         vmin = stats.per_tensor["vhat_min"].float()
@@ -188,8 +214,8 @@ class SpikeMonitor:
         if lr is None or eps is None:
             if self.optimizer is None:
                 raise ValueError("lr and eps are required when SpikeMonitor has no optimizer")
-            lr = self._per_tensor_hyper("lr", 0.0, device) if lr is None else lr
-            eps = self._per_tensor_hyper("eps", 1e-8, device) if eps is None else eps
+            lr = self._per_tensor_hyper("lr", stats.names, device) if lr is None else lr
+            eps = self._per_tensor_hyper("eps", stats.names, device) if eps is None else eps
         step = lr / (vmin.clamp_min(0).sqrt() + eps)
         if self.run is None or self.run.numel() != frac.numel():
             self.names = list(stats.names)
@@ -198,7 +224,9 @@ class SpikeMonitor:
             self.first_flag = torch.full(frac.shape, -1, dtype=torch.int64, device=device)
         self.steps += 1
         decaying = frac >= self.decay_frac
-        self.ref = torch.where(decaying, self.ref, self.ref_ema * self.ref + (1 - self.ref_ema) * step)
+        healthy = ~decaying & torch.isfinite(step)
+        ref = torch.where(torch.isfinite(self.ref), self.ref, step)
+        self.ref = torch.where(healthy, self.ref_ema * ref + (1 - self.ref_ema) * step, ref)
         cond = decaying & (step >= self.step_growth * self.ref)
         self.run = torch.where(cond, self.run + 1, torch.zeros_like(self.run))
         self.flagged = self.run >= self.patience
