@@ -396,7 +396,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for ds, buf, i, position, p in self._slots():
                 entry = state_dict["state"].get(saved_index[position_of[p]], {})
-                ds.tensor_step[position] = float(entry.get("step", 0))
+                # torch.optim.SGD keeps no step count; a saved momentum buffer means at least
+                # one step was taken, which is all SGD's first-step rule needs to know.
+                has_moments = any(entry.get(name) is not None for name in self.MOMENTS)
+                ds.tensor_step[position] = float(entry.get("step", 1 if has_moments else 0))
                 for name in self.MOMENTS:
                     value = entry.get(name)
                     target = buf.view(buf.moments[name], i)

@@ -1,0 +1,172 @@
+"""GPU-only properties of the fused step: no host sync, CUDA-graph capture, agreement of the
+CUDA and Triton backends with the reference over many steps, 64-bit indexing."""
+import pytest
+import torch
+
+import fusedopt
+from conftest import kernel_backends
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+GPU_BACKENDS = [b for b in ("triton", "cuda") if b in kernel_backends()] if torch.cuda.is_available() else []
+
+
+@pytest.fixture(params=GPU_BACKENDS or [pytest.param("none", marks=pytest.mark.skip(
+    reason="no GPU backend available"))])
+def gpu_backend(request):
+    return request.param
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256),
+                               torch.nn.Linear(256, 64)).cuda().to(dtype)
+
+
+def test_step_never_syncs(gpu_backend):
+    net = make_model()
+    opt = fusedopt.AdamC(net.parameters(), lr=1e-3, weight_decay=0.1, max_grad_norm=1.0,
+                         backend=gpu_backend, stats=True)
+    scaler = fusedopt.GradScaler(init_scale=1024.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    x = torch.randn(32, 64, device="cuda")
+
+    def iteration():
+        scaler.scale(net(x).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        opt.zero_grad()
+        return opt.stats()
+
+    iteration()  # first step: compiles kernels, copies autograd's fresh grads in
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            iteration()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert opt.stats().to_dict()["global"]["skipped_steps"] == 0
+
+
+def test_cuda_graph_replay_with_changing_lr(gpu_backend):
+    """Capture step() once, replay it with a new tensor lr each time, and match eager steps."""
+    eager_net, graph_net = make_model(1), make_model(1)
+    lr = torch.tensor(1e-2, device="cuda")
+    graph_opt = fusedopt.AdamC(graph_net.parameters(), lr=lr, max_lr=1e-2, weight_decay=0.1,
+                               max_grad_norm=0.5, backend=gpu_backend)
+    eager_opt = fusedopt.AdamC(eager_net.parameters(), lr=1e-2, weight_decay=0.1,
+                               max_grad_norm=0.5, backend=gpu_backend)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(p.shape, device="cuda", generator=gen) for p in graph_net.parameters()]
+
+    def load_grads(net):
+        for p, g in zip(net.parameters(), grads):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            load_grads(graph_net)
+            graph_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        load_grads(eager_net)
+        eager_opt.step()
+
+    graph = torch.cuda.CUDAGraph()
+    load_grads(graph_net)
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for value in (5e-3, 2e-3, 1e-3, 0.0):
+        lr.fill_(value)
+        for g in grads:
+            g.mul_(1.1)
+        load_grads(graph_net)
+        graph.replay()
+        eager_opt.param_groups[0]["lr"] = value
+        load_grads(eager_net)
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(graph_net.parameters(), eager_net.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_triton_reference_agree_over_50_steps(dtype):
+    backends_ = ["reference"] + GPU_BACKENDS
+    shapes = [(1,), (127,), (4095,), (4097,), (278011,)] + [(37, 11)] * 60
+    finals = {}
+    for backend in backends_:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).cuda().to(dtype).requires_grad_() for s in shapes]
+        opt = fusedopt.AdamC(params, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0,
+                             backend=backend, stats=True)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
+        grad_gen = torch.Generator().manual_seed(1)
+        for step in range(50):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grad_gen).cuda().to(dtype)
+            if step == 20:
+                params[3].grad.view(-1)[7] = float("nan")
+            opt.step()
+            sched.step()
+        finals[backend] = ([p.detach().float().clone() for p in params], opt.stats().to_dict())
+    ref_params, ref_stats = finals["reference"]
+    for backend in GPU_BACKENDS:
+        params, stats = finals[backend]
+        assert stats["global"]["skipped_steps"] == ref_stats["global"]["skipped_steps"] == 1
+        for a, b in zip(params, ref_params):
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+            else:
+                # 50 steps may each round a stored half value the other way: allow a few ulps.
+                ulp = torch.finfo(dtype).eps
+                assert ((a - b).abs() <= 4 * ulp * b.abs().clamp(min=1.0)).float().mean() > 0.999
+
+
+def test_cuda_and_triton_agree_bitwise_on_statistics_layout():
+    if len(GPU_BACKENDS) < 2:
+        pytest.skip("needs both GPU backends")
+    results = []
+    for backend in GPU_BACKENDS:
+        net = make_model(3)
+        opt = fusedopt.AdamW(net.named_parameters(), lr=1e-3, backend=backend, stats=True)
+        x = torch.randn(16, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        net(x).square().mean().backward()
+        opt.step()
+        results.append(opt.stats().to_dict())
+    a, b = results
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for name in a["tensors"]:
+        for key in a["tensors"][name]:
+            assert a["tensors"][name][key] == pytest.approx(b["tensors"][name][key], rel=1e-4, abs=1e-9)
+
+
+def test_64bit_indexing_above_2_pow_31_elements(gpu_backend):
+    numel = 2 ** 31 + 3 * 4096 + 5
+    # bf16 flat param + grad + the caller's grad before it is copied in, fp32 momentum buffer.
+    need = numel * (2 + 2 + 2 + 4) + (1 << 31)
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
+    p = torch.zeros(numel, dtype=torch.bfloat16, device="cuda")
+    p[-5:] = 2.0
+    p[:5] = -2.0
+    p.requires_grad_()
+    opt = fusedopt.SGD([p], lr=0.5, backend=gpu_backend, stats=True)
+    p.grad = torch.zeros_like(p)
+    p.grad[-5:] = 1.0
+    p.grad[:5] = -1.0
+    opt.step()
+    assert torch.equal(p[-5:].detach().float().cpu(), torch.full((5,), 1.5))
+    assert torch.equal(p[:5].detach().float().cpu(), torch.full((5,), -1.5))
+    stats = opt.stats().to_dict()
+    assert stats["global"]["grad_norm"] == pytest.approx(10 ** 0.5, rel=1e-6)
+    del p, opt
+    torch.cuda.empty_cache()
