@@ -161,10 +161,6 @@ def make_params(shapes, dtype: torch.dtype, device: torch.device, seed: int = 0)
 # Providers: each builder takes the parameters (grads set) and returns the step callable
 
 
-class Skip(Exception):
-    """The provider cannot run here (no CUDA, extension not built); the reason goes in the row."""
-
-
 def _torch_adamw(params, **kw):
     return torch.optim.AdamW(params, lr=kw.pop("lr", LR), betas=BETAS, eps=EPS,
                              weight_decay=WEIGHT_DECAY, **kw)
@@ -403,6 +399,7 @@ def free_memory(device: torch.device) -> None:
 
 def run_provider(provider: Provider, shape: str, dtype: str, device, args, copy_gbps) -> dict:
     base = row_base(shape, dtype, provider.name)
+    free_memory(device)  # a failed provider's tensors outlive its frame until its traceback goes
     params = make_params(SHAPES[shape](), DTYPES[dtype], device, seed=args.seed)
     before = probe_params(params)
     graph = None
@@ -414,8 +411,6 @@ def run_provider(provider: Provider, shape: str, dtype: str, device, args, copy_
         note = check_moved(params, before)
         return make_row(**base, status="ok" if not note else "error", note=note,
                         timing=timing, copy_gbps=copy_gbps)
-    except Skip as e:
-        return make_row(**base, status="skipped", note=str(e))
     except Exception as e:  # one broken provider must not cost the rest of the run
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         return make_row(**base, status="error", note=msg)
@@ -664,13 +659,16 @@ def main(argv=None) -> int:
     header = environment(device, args, fstatus)
     rows: list[dict] = []
 
-    def emit(row):
+    def emit(row, t0=None):
+        if t0 is not None:
+            row["wall_s"] = round(time.time() - t0, 1)  # setup + warm-up + timing: for budgeting
         rows.append(row)
         bench_report.write(args.out_dir, args.name, header, rows)
         if row["status"] == "ok":
             print(f"{row['shape']:>13s} {row['dtype']:4s} {row['provider']:22s} {row['ms_median']:9.3f} ms "
                   f"(p20 {row['ms_p20']:.3f}, p80 {row['ms_p80']:.3f}; runs {row['ms_run1']:.3f} / "
-                  f"{row['ms_run2']:.3f}) {row['gbps']:7.0f} GB/s {row['note']}", flush=True)
+                  f"{row['ms_run2']:.3f}) {row['gbps']:7.0f} GB/s [{row.get('wall_s', 0):.0f} s] {row['note']}",
+                  flush=True)
         else:
             print(f"{row['shape']:>13s} {row['dtype']:4s} {row['provider']:22s} {row['status']}: {row['note']}",
                   flush=True)
@@ -695,7 +693,8 @@ def main(argv=None) -> int:
             if reason:
                 emit(skipped_row(shape, dtype, provider.name, reason))
                 continue
-            emit(run_provider(provider, shape, dtype, device, args, header["copy_gbps"]))
+            t0 = time.time()
+            emit(run_provider(provider, shape, dtype, device, args, header["copy_gbps"]), t0)
     # Compiled providers last: their compile time is the least predictable part of the run.
     for dtype, shape in combos:
         for provider in isolated:
@@ -708,7 +707,8 @@ def main(argv=None) -> int:
                 emit(skipped_row(shape, dtype, provider.name, reason))
                 continue
             timeout = min(args.compile_timeout_s, left() - 5)
-            emit(run_isolated(provider, shape, dtype, args, timeout, header["copy_gbps"]))
+            t0 = time.time()
+            emit(run_isolated(provider, shape, dtype, args, timeout, header["copy_gbps"]), t0)
 
     json_path, md_path = bench_report.write(args.out_dir, args.name, header, rows)
     print()
