@@ -147,6 +147,12 @@ def write(out_dir: str, name: str, header: dict, rows: list[dict]) -> tuple[str,
     Called after every row, so a run cut short by its time limit still leaves its results."""
     add_speedups(rows)
     targets = check_targets(rows)
+    # Group rows by (shape, dtype) in order of first appearance: the compiled rows, measured last,
+    # land next to the other rows of their shape. sorted() is stable within a group.
+    first_seen: dict[tuple[str, str], int] = {}
+    for row in rows:
+        first_seen.setdefault((row["shape"], row["dtype"]), len(first_seen))
+    rows = sorted(rows, key=lambda r: first_seen[(r["shape"], r["dtype"])])
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"{name}.json")
     md_path = os.path.join(out_dir, f"{name}.md")

@@ -135,6 +135,13 @@ def test_write_json_and_markdown(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_rows_grouped_by_shape_and_dtype(tmp_path):
+    rows = _rows() + [_row("llama_1b", "fp32", "torch_compiled", 30.0)]  # measured last
+    json_path, _ = bench_report.write(str(tmp_path), "g", {"name": "g"}, rows)
+    order = [(r["shape"], r["provider"]) for r in json.loads(open(json_path).read())["rows"]]
+    assert order.index(("llama_1b", "torch_compiled")) < order.index(("gpt2_124m", "stock_pipeline"))
+
+
 def test_dry_run_end_to_end(tmp_path):
     rc = bench_step.main(["--dry-run", "--out-dir", str(tmp_path), "--name", "dry", "--dtypes", "fp32",
                           "--providers", "torch_foreach,stock_pipeline,fusedopt_triton_graph,fusedopt_reference"])
