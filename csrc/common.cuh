@@ -1,0 +1,209 @@
+// Device helpers shared by the four kernels: storage-dtype conversion, the per-thread element
+// mapping of a BLOCK (vectorized or masked), fixed-order block reductions and launch checks.
+//
+// Determinism: every reduction here has a fixed shape. A thread folds its own elements in slot
+// order, a warp combines lanes with a xor-shuffle butterfly, and warp 0 combines the per-warp
+// results in warp order. There are no atomics, so the same inputs give bit-identical outputs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "launchers.h"
+
+namespace fusedopt {
+
+// 256 threads x 16 elements = one 4096-element BLOCK per thread block: each thread holds 16
+// elements of every array in registers, i.e. four (fp32) or two (bf16/fp16) 16-byte loads per
+// array, enough bytes in flight to cover DRAM latency at 2-4 resident blocks per SM.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPerThread = kBlock / kThreads;
+static_assert(kPerThread * kThreads == kBlock, "BLOCK must split evenly over the threads");
+
+// Conversion between a storage dtype and the fp32 the math runs in. Values travel as raw bits so
+// that 16-byte vectors can be unpacked with memcpy (no type punning through unions).
+template <typename T>
+struct Storage;
+
+template <>
+struct Storage<float> {
+  using Bits = uint32_t;
+  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ Bits from_float(float x) { return __float_as_uint(x); }
+};
+
+template <>
+struct Storage<__nv_bfloat16> {
+  using Bits = uint16_t;
+  // bf16 is the top half of an fp32: widening is a shift, exact.
+  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(uint32_t(b) << 16); }
+  static __device__ __forceinline__ Bits from_float(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+};
+
+template <>
+struct Storage<__half> {
+  using Bits = uint16_t;
+  static __device__ __forceinline__ float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ Bits from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
+
+// Elements of T in one 16-byte vector: 4 for fp32, 8 for bf16/fp16.
+template <typename T>
+constexpr int kVec = 16 / int(sizeof(T));
+
+// The value x becomes once stored as T (identity for fp32); statistics use stored values.
+template <typename T>
+__device__ __forceinline__ float round_to_storage(float x) {
+  return Storage<T>::to_float(Storage<T>::from_float(x));
+}
+
+// Element mapping of one BLOCK onto a thread's kPerThread slots.
+// Full path (the block is entirely inside the tensor and the base pointers are 16-byte aligned):
+//   slot k * W + j <-> element (k * kThreads + tid) * W + j, W = kVec of the storage dtype, so
+//   each thread issues 16-byte loads and a warp covers 512 contiguous bytes per 16-bit load.
+//   Every array (also the fp32 moments) uses the storage dtype's W so the slots line up.
+// Tail path (the tensor ends inside the block, or a pointer is unaligned):
+//   slot i <-> element i * kThreads + tid, scalar loads masked by the tensor end.
+// Which path a block takes depends only on the layout, so the summation order is fixed.
+template <int W>
+struct Slots {
+  static_assert(kPerThread % W == 0, "vector width must divide the elements per thread");
+  int64_t start;  // first element of the block (flat index)
+  int64_t end;    // one past the last element to touch: min(tensor end, start + BLOCK)
+  bool full;
+
+  __device__ __forceinline__ bool valid(int slot) const {
+    return full || start + int64_t(slot) * kThreads + threadIdx.x < end;
+  }
+
+  template <typename S>
+  __device__ __forceinline__ void load(const S* __restrict__ base, float (&out)[kPerThread]) const {
+    using Bits = typename Storage<S>::Bits;
+    if (full) {
+      constexpr int kLoads = W * int(sizeof(S)) / 16;  // 16-byte loads per W elements of S
+#pragma unroll
+      for (int k = 0; k < kPerThread / W; ++k) {
+        const S* src = base + start + int64_t(k * kThreads + threadIdx.x) * W;
+        uint4 raw[kLoads];
+#pragma unroll
+        for (int l = 0; l < kLoads; ++l) raw[l] = reinterpret_cast<const uint4*>(src)[l];
+        Bits bits[W];
+        memcpy(bits, raw, sizeof(bits));
+#pragma unroll
+        for (int j = 0; j < W; ++j) out[k * W + j] = Storage<S>::to_float(bits[j]);
+      }
+    } else {
+      const Bits* src = reinterpret_cast<const Bits*>(base);
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const int64_t e = start + int64_t(i) * kThreads + threadIdx.x;
+        out[i] = e < end ? Storage<S>::to_float(src[e]) : 0.f;
+      }
+    }
+  }
+
+  template <typename S>
+  __device__ __forceinline__ void store(S* __restrict__ base, const float (&in)[kPerThread]) const {
+    using Bits = typename Storage<S>::Bits;
+    if (full) {
+      constexpr int kStores = W * int(sizeof(S)) / 16;
+#pragma unroll
+      for (int k = 0; k < kPerThread / W; ++k) {
+        S* dst = base + start + int64_t(k * kThreads + threadIdx.x) * W;
+        Bits bits[W];
+#pragma unroll
+        for (int j = 0; j < W; ++j) bits[j] = Storage<S>::from_float(in[k * W + j]);
+        uint4 raw[kStores];
+        memcpy(raw, bits, sizeof(raw));
+#pragma unroll
+        for (int l = 0; l < kStores; ++l) reinterpret_cast<uint4*>(dst)[l] = raw[l];
+      }
+    } else {
+      Bits* dst = reinterpret_cast<Bits*>(base);
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const int64_t e = start + int64_t(i) * kThreads + threadIdx.x;
+        if (e < end) dst[e] = Storage<S>::from_float(in[i]);
+      }
+    }
+  }
+};
+
+// The slots of block `block` of a tensor ending at tensor_end.
+template <int W>
+__device__ __forceinline__ Slots<W> block_slots(int64_t block, int64_t tensor_end, bool aligned) {
+  const int64_t start = block * kBlock;
+  const int64_t end = tensor_end < start + kBlock ? tensor_end : start + kBlock;
+  return Slots<W>{start, end, aligned && end - start == kBlock};
+}
+
+// 1/scale as torch.amp.GradScaler computes it (scale.double().reciprocal().float()), so the
+// unscaled gradients match torch's unscale_ bit for bit for any scale, not only powers of two.
+__device__ __forceinline__ float inv_scale_of(float scale) { return float(1.0 / double(scale)); }
+
+template <typename V>
+__device__ __forceinline__ V reduce_identity(Reduce op) {
+  switch (op) {
+    case Reduce::kMin: return V(INFINITY);
+    case Reduce::kMax: return V(-INFINITY);
+    default: return V(0);
+  }
+}
+
+// fmin/fmax drop a NaN operand; the non-finite flag, not min/max, reports NaN gradients.
+template <typename V>
+__device__ __forceinline__ V reduce_combine(Reduce op, V a, V b) {
+  switch (op) {
+    case Reduce::kMin: return fmin(a, b);
+    case Reduce::kMax: return fmax(a, b);
+    default: return a + b;
+  }
+}
+
+// Reduces vals[i] over the block with ops[i]; the results are valid in thread 0 only. Called at
+// most once per kernel (its shared memory is not re-synchronized for reuse); every thread of the
+// block must call it.
+template <typename V, int N>
+__device__ __forceinline__ void block_reduce(V (&vals)[N], const Reduce (&ops)[N]) {
+  __shared__ V partial[N][kWarps];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2)
+      vals[i] = reduce_combine(ops[i], vals[i], __shfl_xor_sync(0xffffffffu, vals[i], offset));
+    if (lane == 0) partial[i][warp] = vals[i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      vals[i] = lane < kWarps ? partial[i][lane] : reduce_identity<V>(ops[i]);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2)
+        vals[i] = reduce_combine(ops[i], vals[i], __shfl_xor_sync(0xffffffffu, vals[i], offset));
+    }
+  }
+}
+
+inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Raises with the kernel's name if the launch just made failed (bad configuration, no device,
+// or an earlier asynchronous error surfacing here).
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fusedopt._C: launch of ") + kernel + " failed: " +
+                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+}  // namespace fusedopt
