@@ -220,3 +220,30 @@ def test_preconditioned_sharpness_needs_state():
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(ValueError, match="exp_avg_sq"):
         preconditioned_sharpness(model, mse, batch, opt)
+
+
+def test_figures_from_real_fused_stats():
+    """The derived figures from fusedopt's own opt.stats() match direct computation."""
+    adam = pytest.importorskip("fusedopt.adam")
+    model = lm_grads(seed=2)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt = adam.AdamW(list(model.named_parameters()), lr=1e-2, stats=True)
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    opt.step()
+    stats = opt.stats()
+    types = classify(model)
+    figures = block_sharpness(stats, types, batch_size=4)
+    for t, s in zip(figures.types, figures.sharpness.tolist()):
+        g = torch.cat([grads[n].double().flatten() for n in grads if types[n] == t])
+        assert s == pytest.approx(4 * (g ** 2).mean().item(), rel=1e-5)
+    n = torch.stack([grads[name].double().norm() for name in stats.names])
+    h = grad_heterogeneity(stats)
+    assert h["norm_ratio"].item() == pytest.approx((n.max() / n.min()).item(), rel=1e-5)
+    mon = SpikeMonitor(opt, patience=1)
+    mon.update(stats)
+    vmin = torch.stack([opt.state[p]["exp_avg_sq"].min() / (1 - 0.999) for p in model.parameters()])
+    expected = 1e-2 / (vmin.sqrt() + 1e-8)
+    order = [name for name, _ in model.named_parameters()]
+    got = dict(zip(stats.names, mon.max_step.tolist()))
+    assert [got[k] for k in order] == pytest.approx(expected.tolist(), rel=1e-4)
