@@ -5,9 +5,9 @@ What is timed (one "step" per provider, gradients already in place, no forward/b
   torch_fused        torch.optim.AdamW(fused=True).step()
   torch_fused_graph  the same with capturable=True and a CUDA lr tensor, captured in a CUDA graph
   torch_compiled     the PyTorch recipe: AdamW(lr=torch.tensor(lr)) and
-                     @torch.compile(fullgraph=False) around opt.step(); compiled in a child process
-                     (warm-up steps first) so a compile that outlasts its time limit cannot stall
-                     the run
+                     @torch.compile(fullgraph=False) around opt.step(); each (shape, dtype) compiles
+                     and warms up in its own child process, all at once, then they time one at
+                     a time; a compile that outlasts the time budget is killed, not waited for
   stock_pipeline     torch.amp.GradScaler.unscale_ + clip_grad_norm_(1.0) + AdamW(fused=True)
                      through scaler.step + scaler.update: the pipeline fusedopt replaces
   fusedopt_<b>       fusedopt.AdamC(max_grad_norm=1.0, backend=<b>) + fusedopt.GradScaler:
@@ -329,12 +329,15 @@ def capture_graph(step: Callable[[], None]) -> tuple[Callable[[], None], object]
     return graph.replay, graph
 
 
-def measure(step, device, args) -> dict:
+def measure(step, device, args, before_timing: Callable[[], None] | None = None) -> dict:
     """Warm up, estimate the step time, pick the repetition count for --target-ms per run (within
-    --min-reps..--max-reps), and time two runs back to back."""
+    --min-reps..--max-reps), and time two runs back to back. before_timing runs between warm-up
+    and timing (a compile child waits there for its turn on the GPU)."""
     for _ in range(args.warmup):
         step()
     sync(device)
+    if before_timing is not None:
+        before_timing()
     est = sorted(time_steps(step, 3, device))[1]
     reps = max(args.min_reps, min(args.max_reps, math.ceil(args.target_ms / max(est, 1e-3))))
     run1 = time_steps(step, reps, device)
@@ -397,7 +400,8 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_provider(provider: Provider, shape: str, dtype: str, device, args, copy_gbps) -> dict:
+def run_provider(provider: Provider, shape: str, dtype: str, device, args, copy_gbps,
+                 before_timing: Callable[[], None] | None = None) -> dict:
     base = row_base(shape, dtype, provider.name)
     free_memory(device)  # a failed provider's tensors outlive its frame until its traceback goes
     params = make_params(SHAPES[shape](), DTYPES[dtype], device, seed=args.seed)
@@ -407,7 +411,7 @@ def run_provider(provider: Provider, shape: str, dtype: str, device, args, copy_
         step = provider.build(params, device)
         if provider.graph:
             step, graph = capture_graph(step)
-        timing = measure(step, device, args)
+        timing = measure(step, device, args, before_timing)
         note = check_moved(params, before)
         return make_row(**base, status="ok" if not note else "error", note=note,
                         timing=timing, copy_gbps=copy_gbps)
@@ -422,35 +426,72 @@ def run_provider(provider: Provider, shape: str, dtype: str, device, args, copy_
         free_memory(device)
 
 
-def run_isolated(provider: Provider, shape: str, dtype: str, args, timeout_s: float, copy_gbps) -> dict:
-    """Run one provider in a child process (own session, so its compile workers die with it) and
-    kill it at timeout_s. torch.compile of an optimizer over many tensors can take minutes."""
-    base = row_base(shape, dtype, provider.name)
-    with tempfile.TemporaryDirectory() as tmp:
-        row_path = os.path.join(tmp, "row.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child-row", row_path,
-               "--providers", provider.name, "--shapes", shape, "--dtypes", dtype,
-               "--device", args.device, "--seed", str(args.seed), "--warmup", str(args.warmup),
-               "--target-ms", str(args.target_ms), "--min-reps", str(args.min_reps),
-               "--max-reps", str(args.max_reps), "--copy-gbps", str(copy_gbps or 0)]
+def run_compiled_batch(jobs, args, copy_gbps, left: Callable[[], float]) -> list[dict]:
+    """torch.compile rows, each in a child process (own session, so its compile workers die with
+    it). All children compile at once: compile is CPU work and the wall time becomes the slowest
+    compile instead of the sum. Each child warms up, touches <dir>/ready and waits for <dir>/go.
+    Only when every child is ready (or the budget says stop: the unready ones are killed, their GPU
+    work would disturb the timing) do the ready ones time, one at a time, the others idle."""
+    threads = max(1, (os.cpu_count() or 2) // max(1, len(jobs)))
+    rows, children = [], []
+    tmp = tempfile.mkdtemp(prefix="fusedopt_compile_")
+    try:
+        for i, (provider, shape, dtype) in enumerate(jobs):
+            d = os.path.join(tmp, str(i))
+            os.mkdir(d)
+            cmd = [sys.executable, os.path.abspath(__file__), "--child-row", os.path.join(d, "row.json"),
+                   "--child-sync", d, "--providers", provider.name, "--shapes", shape, "--dtypes", dtype,
+                   "--device", args.device, "--seed", str(args.seed), "--warmup", str(args.warmup),
+                   "--target-ms", str(args.target_ms), "--min-reps", str(args.min_reps),
+                   "--max-reps", str(args.max_reps), "--copy-gbps", str(copy_gbps or 0)]
+            log = open(os.path.join(d, "log"), "w")
+            proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(threads)))
+            log.close()
+            children.append((provider, shape, dtype, d, proc))
         t0 = time.time()
-        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return make_row(**base, status="skipped",
-                            note=f"did not finish within {timeout_s:.0f} s (compile + timing); time limit")
-        if proc.returncode != 0 or not os.path.exists(row_path):
-            tail = " / ".join(out.strip().splitlines()[-3:])[:300]
-            return make_row(**base, status="error", note=f"child exit {proc.returncode}: {tail}")
-        with open(row_path) as f:
-            row = json.load(f)
-        wall = time.time() - t0
-        row["note"] = (row.get("note", "") + f" child process, {wall:.0f} s with compile").strip()
-        return row
+
+        def ready(d):
+            return os.path.exists(os.path.join(d, "ready"))
+
+        # Hold back ~10 s per child for its timing run and exit.
+        while any(proc.poll() is None and not ready(d) for *_, d, proc in children):
+            if left() < 10 * sum(ready(d) for *_, d, _ in children) + 15:
+                break
+            time.sleep(0.5)
+        compile_s = time.time() - t0
+        for provider, shape, dtype, d, proc in children:
+            base = row_base(shape, dtype, provider.name)
+            if proc.poll() is None and not ready(d):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rows.append(make_row(**base, status="skipped",
+                                     note=f"compile not finished after {compile_s:.0f} s: time budget"))
+                continue
+            if ready(d):
+                open(os.path.join(d, "go"), "w").close()
+                try:
+                    proc.wait(timeout=min(600.0, max(5.0, left() - 5)))
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            row_path = os.path.join(d, "row.json")
+            if proc.returncode != 0 or not os.path.exists(row_path):
+                with open(os.path.join(d, "log")) as f:
+                    tail = " / ".join(f.read().strip().splitlines()[-3:])[:300]
+                rows.append(make_row(**base, status="error", note=f"child exit {proc.returncode}: {tail}"))
+                continue
+            with open(row_path) as f:
+                row = json.load(f)
+            row["note"] = (row.get("note", "") + f" compiled in a child process (all compiles: {compile_s:.0f} s)").strip()
+            rows.append(row)
+    finally:
+        for *_, proc in children:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
 
 
 def measure_copy(device, args) -> dict:
@@ -559,14 +600,13 @@ def parse_args(argv=None):
                     help="stop starting providers when this much wall time is used (0: no limit)")
     ap.add_argument("--provider-min-s", type=float, default=15.0,
                     help="start an eager provider only with at least this much budget left")
-    ap.add_argument("--compile-timeout-s", type=float, default=240.0,
-                    help="most wall time for one torch_compiled child (compile + timing)")
     ap.add_argument("--compile-min-s", type=float, default=60.0,
                     help="start a torch_compiled child only with at least this much budget left")
     ap.add_argument("--profile", default=None,
                     help="ncu mode: build these providers (comma list) for the first shape/dtype, "
                          "warm up, run 2 steps between cudaProfilerStart/Stop; no timing")
     ap.add_argument("--child-row", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-sync", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--copy-gbps", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -604,7 +644,15 @@ def default_name(device: torch.device) -> str:
 def child_main(args, device) -> int:
     """One provider, one shape, one dtype; the row goes to --child-row as JSON."""
     provider = PROVIDERS[args.providers[0]]
-    row = run_provider(provider, args.shapes[0], args.dtypes[0], device, args, args.copy_gbps or None)
+
+    def wait_for_turn():
+        if args.child_sync:
+            open(os.path.join(args.child_sync, "ready"), "w").close()
+            while not os.path.exists(os.path.join(args.child_sync, "go")):
+                time.sleep(0.05)
+
+    row = run_provider(provider, args.shapes[0], args.dtypes[0], device, args, args.copy_gbps or None,
+                       before_timing=wait_for_turn)
     with open(args.child_row, "w") as f:
         json.dump(row, f)
     return 0
@@ -695,23 +743,24 @@ def main(argv=None) -> int:
                 continue
             t0 = time.time()
             emit(run_provider(provider, shape, dtype, device, args, header["copy_gbps"]), t0)
-    # Compiled providers last: their compile time is the least predictable part of the run. Dynamo
-    # traces one loop iteration per tensor, so compile time grows with the tensor count: fewest
-    # tensors first gets the most compiled rows into the budget.
-    by_tensors = sorted(combos, key=lambda c: (len(SHAPES[c[1]]()), args.dtypes.index(c[0])))
-    for dtype, shape in by_tensors:
+    # Compiled providers last, as one batch (run_compiled_batch): their compile time is the least
+    # predictable part of the run.
+    jobs = []
+    for dtype, shape in combos:
         for provider in isolated:
             reason = unavailable(provider, device, fstatus)
             if reason is None and left() < args.compile_min_s:
-                reason = f"time budget: under {args.compile_min_s:.0f} s left for a compile"
+                reason = f"time budget: under {args.compile_min_s:.0f} s left for compiling"
             if reason is None and device.type == "cpu" and not args.explicit_providers:
                 reason = "skipped on the CPU unless named in --providers (inductor's C++ compile is slow)"
             if reason:
                 emit(skipped_row(shape, dtype, provider.name, reason))
-                continue
-            timeout = min(args.compile_timeout_s, left() - 5)
-            t0 = time.time()
-            emit(run_isolated(provider, shape, dtype, args, timeout, header["copy_gbps"]), t0)
+            else:
+                jobs.append((provider, shape, dtype))
+    if jobs:
+        t0 = time.time()
+        for row in run_compiled_batch(jobs, args, header["copy_gbps"], left):
+            emit(row, t0)
 
     json_path, md_path = bench_report.write(args.out_dir, args.name, header, rows)
     print()
