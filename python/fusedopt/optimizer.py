@@ -232,7 +232,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr = group["lr"]
             if torch.is_tensor(lr):
                 tensor_lrs.append((gi, lr))
-            rows.append(tuple(self._hyper_row(group, float("nan") if torch.is_tensor(lr) else lr)))
+            # A tensor lr is copied on the device below; 0.0 holds its column in the host rows
+            # (a NaN would compare unequal to itself and force an upload every step).
+            rows.append(tuple(self._hyper_row(group, 0.0 if torch.is_tensor(lr) else lr)))
         rows = tuple(rows)
         if rows != ds.uploaded_hyper:
             _refuse_during_capture("a hyperparameter held as a Python number (use a tensor lr)")
