@@ -157,3 +157,16 @@ def test_dry_run_end_to_end(tmp_path):
     assert by_provider["fusedopt_triton_graph"]["status"] == "skipped"  # CUDA graphs need CUDA
     assert by_provider["fusedopt_reference"]["status"] in ("ok", "skipped")
     assert (tmp_path / "dry.md").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_compiled_child(tmp_path):
+    """The torch.compile batch: child process, ready/go handshake, row handed back (~30 s of
+    inductor's C++ compile on a CPU)."""
+    rc = bench_step.main(["--dry-run", "--out-dir", str(tmp_path), "--name", "c", "--dtypes", "fp32",
+                          "--providers", "torch_compiled"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    row = [r for r in rows if r["provider"] == "torch_compiled"][0]
+    assert row["status"] == "ok", row["note"]
+    assert "child process" in row["note"] and row["ms_median"] > 0
