@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusedopt.adam import AdamW
+from fusedopt import AdamW
 from fusedopt.diagnostics import SpikeMonitor, preconditioned_sharpness
 
 RUNS = {"spiky": dict(betas=(0.9, 0.999), eps=1e-8), "beta2=0.95": dict(betas=(0.9, 0.95), eps=1e-8),

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from fusedopt.adam import AdamW
+from fusedopt import AdamW
 from fusedopt.blocks import classify, param_groups
 from fusedopt.demo_data import Batches, generate_corpus
 from fusedopt.demo_model import GPT, GPTConfig
 from fusedopt.diagnostics import block_sharpness, grad_heterogeneity
-from fusedopt.sgd import SGD
+from fusedopt import SGD
 
 RUNS = ("AdamW", "AdamW-block", "SGD")
 
