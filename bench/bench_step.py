@@ -27,7 +27,8 @@ inputs are not rotated: each step streams from DRAM anyway.
 
 Each provider is built on freshly generated parameters and gradients (same seed for all), warmed
 up, then timed twice back to back (run1, run2: the spread), each step bracketed by CUDA events.
-Only one provider's tensors live at a time (the 1.1B fp32 set needs 17.6 GB per provider).
+Only one provider's tensors live at a time (the 1.1B fp32 set needs 17.6 GB per provider), except
+in the compile batch, whose children hold theirs together while the others compile or wait.
 
   python bench/bench_step.py --out-dir $OUT --name step_h100        # the full matrix on a GPU
   python bench/bench_step.py --dry-run                              # tiny shapes on the CPU
