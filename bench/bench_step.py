@@ -700,6 +700,9 @@ def main(argv=None) -> int:
     if args.child_row:
         return child_main(args, device)
     if args.profile:
+        if device.type != "cuda":
+            print("--profile needs a CUDA device (it brackets steps with cudaProfilerStart/Stop)", file=sys.stderr)
+            return 2
         return profile_main(args, device)
     start = time.time()
     args.name = args.name or default_name(device)

@@ -42,6 +42,8 @@ cap() {
     echo "$want"
 }
 say() { printf '\n=== [%3ss] %s\n' "$(elapsed)" "$*"; }
+# timeout 0 would mean no limit at all: a step whose cap came out 0 does not run.
+no_time() { (($1 > 0)) && return 1; say "$2 skipped: no time left in the ${BUDGET}s budget"; }
 
 versions() {
     say "versions"
@@ -83,6 +85,7 @@ ensure_importable() {
 build() {
     local t
     t=$(cap "${BUILD_CAP_S:-240}" $((BENCH_FLOOR + NCU_RESERVE + 60)))
+    no_time "$t" "build" && return
     say "build fusedopt (CUDA extension for sm_${FUSEDOPT_CUDA_ARCHS:-90}), limit ${t}s"
     # sm_90 only: the H100 needs no other architecture, and one target halves the nvcc time.
     FUSEDOPT_CUDA_ARCHS=${FUSEDOPT_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
@@ -101,6 +104,7 @@ build() {
 gpu_tests() {
     local t
     t=$(cap "${TESTS_CAP_S:-150}" $((BENCH_FLOOR + NCU_RESERVE)))
+    no_time "$t" "tests" && return
     say "tests: pytest -x -m 'gpu or not slow' tests/, limit ${t}s"
     # SIGINT at the limit: pytest then reports the test it was in and the summary so far.
     timeout -s INT -k 15 "$t" python3 -m pytest -x -q -p no:cacheprovider -m "gpu or not slow" \
@@ -114,6 +118,7 @@ gpu_tests() {
 microbench() {
     local t
     t=$(cap "${MICRO_CAP_S:-60}" $((BENCH_FLOOR + NCU_RESERVE)))
+    no_time "$t" "microbenchmarks" && return
     say "pytest-benchmark microbenchmarks, limit ${t}s"
     timeout -k 10 "$t" python3 -m pytest -q -p no:cacheprovider bench/test_bench_step.py \
         --benchmark-json="$OUT/microbench.json" --benchmark-columns=min,median,max,rounds \
@@ -124,8 +129,10 @@ microbench() {
 step_bench() {
     local t budget
     t=$(cap 100000 $((NCU_RESERVE + 5)))
+    no_time "$t" "step benchmark" && return
     # bench_step.py stops starting providers 15 s before the hard limit, so it writes its tables.
-    budget=$((t - 15))
+    # (--time-budget-s 0 would mean no limit, hence the floor of 5.)
+    budget=$((t > 20 ? t - 15 : 5))
     say "step benchmark, limit ${t}s"
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
     timeout -k 10 "$t" python3 bench/bench_step.py --out-dir "$OUT" ${NAME:+--name "$NAME"} \
@@ -138,6 +145,7 @@ step_bench() {
 ncu_profile() {
     local t
     t=$(cap "${NCU_CAP_S:-120}" 0)
+    no_time "$t" "ncu" && return
     say "ncu: DRAM traffic of the fused step's kernels (${NCU_SHAPE:-llama_1b} fp32), limit ${t}s"
     # --clock-control none: measure at the clocks the benchmark ran at (ncu locks base clocks
     # otherwise). --profile-from-start off: only the steps between cudaProfilerStart/Stop.
