@@ -19,9 +19,14 @@ def grad_norm_kernel(grad_ptr, block_tensor_ptr, tensor_end_ptr, tensor_group_pt
     tensor = tl.load(block_tensor_ptr + pid)
     # A tensor without a gradient (group -1) reads nothing: its end moves to 0.
     end = tl.where(tl.load(tensor_group_ptr + tensor) >= 0, tl.load(tensor_end_ptr + tensor), 0)
-    offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < end
-    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    start = pid.to(tl.int64) * BLOCK
+    offsets = start + tl.arange(0, BLOCK)
+    # Full blocks load without a mask: a mask against a tensor end loaded from memory has no
+    # known alignment, and Triton then falls back to 4-byte loads (seen in the PTX).
+    if start + BLOCK <= end:
+        g = tl.load(grad_ptr + offsets).to(tl.float32)
+    else:
+        g = tl.load(grad_ptr + offsets, mask=offsets < end, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = g * (1.0 / tl.load(scale_ptr))
     nonfinite = (g != g) | (tl.abs(g) == float("inf"))

@@ -5,8 +5,10 @@ constexpr so the unused paths compile away. Scalars (lr, decay, bias corrections
 per block in fp64, as torch.optim forms them in Python doubles; element math is fp32.
 
 Bytes per element, fp32 Adam: read g, p, m, v (16 B), write p, m, v (12 B) = 28 B; with the
-grad_norm pass (4 B) the step moves 32 B/param. bf16 params: 2+2 (g), 2+2 (p), 8+8 (m, v) = 24 B
-here, 26 B per step. Statistics add 4 B per block per column, ~0.1% at BLOCK = 4096.
+grad_norm pass (4 B) the step moves 32 B/param. bf16 params: read g, p (2+2), m, v (4+4), write
+p (2), m, v (4+4) = 22 B, 24 B per step. Statistics add 4 B per block per column (~0.1%).
+Checked offline (triton.compile for sm_90, no GPU needed): full blocks issue ld/st.global.v4,
+16 fp32 elements per thread in flight per array.
 
 On found_inf the kernel branches out before touching anything: a skip factor would turn
 0 * NaN into NaN in the moments.
@@ -14,8 +16,24 @@ On found_inf the kernel branches out before touching anything: a skip factor wou
 import triton
 import triton.language as tl
 
-from fusedopt.flat import (BETA1, BETA2, BLOCK, CLIP_COEF, CORRECTED, DAMPENING, EPS, FOUND_INF,
-                           HYPER_COLUMNS, INV_SCALE, LR, MAX_LR, MOMENTUM, NESTEROV, WEIGHT_DECAY)
+from fusedopt import flat
+from fusedopt.flat import BLOCK
+
+# Columns of the hyper table and slots of globals, as constexpr for use inside @jit functions.
+LR = tl.constexpr(flat.LR)
+MAX_LR = tl.constexpr(flat.MAX_LR)
+WEIGHT_DECAY = tl.constexpr(flat.WEIGHT_DECAY)
+BETA1 = tl.constexpr(flat.BETA1)
+BETA2 = tl.constexpr(flat.BETA2)
+EPS = tl.constexpr(flat.EPS)
+MOMENTUM = tl.constexpr(flat.MOMENTUM)
+DAMPENING = tl.constexpr(flat.DAMPENING)
+CORRECTED = tl.constexpr(flat.CORRECTED)
+NESTEROV = tl.constexpr(flat.NESTEROV)
+HYPER_COLUMNS = tl.constexpr(flat.HYPER_COLUMNS)
+CLIP_COEF = tl.constexpr(flat.CLIP_COEF)
+FOUND_INF = tl.constexpr(flat.FOUND_INF)
+INV_SCALE = tl.constexpr(flat.INV_SCALE)
 
 
 @triton.jit
@@ -57,6 +75,94 @@ def _store_partials(stats_ptr, stride, pid, weight_sumsq, update_sumsq, third, v
 
 
 @triton.jit
+def _load(ptr, offsets, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offsets, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr + offsets)
+
+
+@triton.jit
+def _store(ptr, offsets, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offsets, value, mask=mask)
+    else:
+        tl.store(ptr + offsets, value)
+
+
+@triton.jit
+def _step_block(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, offsets, mask, row, step, pid,
+                globals_ptr, stats_ptr, stats_stride, ADAM: tl.constexpr, STATS: tl.constexpr,
+                MASKED: tl.constexpr):
+    """The update of one block. MASKED is constexpr: full blocks (all but each tensor's last)
+    load and store without a mask, which keeps the 16-byte vector accesses; a mask against a
+    tensor end read from memory has no provable alignment and Triton then emits 4-byte ones."""
+    lr = tl.load(row + LR).to(tl.float64)
+    weight_decay = tl.load(row + WEIGHT_DECAY).to(tl.float64)
+    # AdamC / SGDC (Defazio 2025, arXiv 2506.02285): decay lr * wd * (lr / max_lr).
+    k = tl.where(tl.load(row + CORRECTED) != 0, lr / tl.load(row + MAX_LR).to(tl.float64), 1.0)
+    p_old = _load(param_ptr, offsets, mask, MASKED)
+    p = p_old.to(tl.float32)
+    g = _load(grad_ptr, offsets, mask, MASKED).to(tl.float32)
+    # Two multiplies in torch's order: unscale_ (g * 1/scale), then clip_grad_norm_'s g * c.
+    g = g * tl.load(globals_ptr + INV_SCALE) * tl.load(globals_ptr + CLIP_COEF)
+    if ADAM:
+        beta1 = tl.load(row + BETA1).to(tl.float64)
+        beta2 = tl.load(row + BETA2).to(tl.float64)
+        eps = tl.load(row + EPS)
+        correction1 = 1.0 - _power(beta1, step)
+        correction2 = 1.0 - _power(beta2, step)
+        step_size = (lr / correction1).to(tl.float32)
+        correction2_sqrt = tl.sqrt(correction2).to(tl.float32)
+        m1 = _load(moment1_ptr, offsets, mask, MASKED)
+        v = _load(moment2_ptr, offsets, mask, MASKED)
+        gg = g * g
+        decreased = tl.sum((mask & (gg < v)).to(tl.float32), axis=0)
+        p = p * (1.0 - lr * weight_decay * k).to(tl.float32)
+        m1 = beta1.to(tl.float32) * m1 + (1.0 - beta1).to(tl.float32) * g
+        v = beta2.to(tl.float32) * v + (1.0 - beta2).to(tl.float32) * gg
+        # IEEE sqrt and division (Triton's defaults are approximate) to stay within rounding
+        # of torch's sqrt() and addcdiv_.
+        denom = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps
+        p = p - step_size * tl.div_rn(m1, denom)
+        _store(moment2_ptr, offsets, v, mask, MASKED)
+        _store(moment1_ptr, offsets, m1, mask, MASKED)
+    else:
+        momentum = tl.load(row + MOMENTUM)
+        direction = g
+        momentum_sumsq = 0.0
+        if weight_decay != 0:
+            direction = direction + (weight_decay * k).to(tl.float32) * p
+        if momentum != 0:
+            # Without momentum the buffer is neither read nor written (4 B/elem saved).
+            dampening = tl.load(row + DAMPENING)
+            m1 = _load(moment1_ptr, offsets, mask, MASKED)
+            m1 = tl.where(step == 1, direction, momentum * m1 + (1.0 - dampening) * direction)
+            _store(moment1_ptr, offsets, m1, mask, MASKED)
+            momentum_sumsq = tl.sum(m1 * m1, axis=0)
+            if tl.load(row + NESTEROV) != 0:
+                direction = direction + momentum * m1
+            else:
+                direction = m1
+        p = p - lr.to(tl.float32) * direction
+    p_new = _store_rounding(p, p_old.dtype)
+    _store(param_ptr, offsets, p_new, mask, MASKED)
+    if STATS:
+        p_stored = tl.where(mask, p_new.to(tl.float32), 0.0)
+        delta = p_stored - tl.where(mask, p_old.to(tl.float32), 0.0)
+        if ADAM:
+            vhat = v / correction2.to(tl.float32)
+            _store_partials(stats_ptr, stats_stride, pid, tl.sum(p_stored * p_stored, axis=0),
+                            tl.sum(delta * delta, axis=0),
+                            tl.min(tl.where(mask, vhat, float("inf")), axis=0),
+                            tl.max(tl.where(mask, vhat, float("-inf")), axis=0),
+                            tl.sum(tl.where(mask, vhat, 0.0), axis=0), decreased, ADAM)
+        else:
+            _store_partials(stats_ptr, stats_stride, pid, tl.sum(p_stored * p_stored, axis=0),
+                            tl.sum(delta * delta, axis=0), momentum_sumsq, 0.0, 0.0, 0.0, ADAM)
+
+
+@triton.jit
 def update_kernel(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, block_tensor_ptr, tensor_end_ptr,
                   tensor_group_ptr, tensor_step_ptr, hyper_ptr, globals_ptr, stats_ptr,
                   stats_stride, ADAM: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
@@ -64,9 +170,12 @@ def update_kernel(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, block_tensor_pt
     tensor = tl.load(block_tensor_ptr + pid)
     group = tl.load(tensor_group_ptr + tensor)
     found_inf = tl.load(globals_ptr + FOUND_INF)
-    offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(tensor_end_ptr + tensor)
+    end = tl.load(tensor_end_ptr + tensor)
+    start = pid.to(tl.int64) * BLOCK
+    offsets = start + tl.arange(0, BLOCK)
+    mask = offsets < end
     row = hyper_ptr + group * HYPER_COLUMNS
+    step = tl.load(tensor_step_ptr + tensor).to(tl.int32)
     if group < 0:
         if STATS:
             if ADAM:
@@ -80,7 +189,6 @@ def update_kernel(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, block_tensor_pt
             p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             m1 = tl.load(moment1_ptr + offsets, mask=mask, other=0.0)
             if ADAM:
-                step = tl.load(tensor_step_ptr + tensor).to(tl.int32)
                 correction2 = tl.maximum(1.0 - _power(tl.load(row + BETA2).to(tl.float64), step),
                                          1e-300)
                 correction2 = tl.where(step > 0, correction2, 1.0)
@@ -92,71 +200,12 @@ def update_kernel(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, block_tensor_pt
             else:
                 _store_partials(stats_ptr, stats_stride, pid, tl.sum(p * p, axis=0), 0.0,
                                 tl.sum(m1 * m1, axis=0), 0.0, 0.0, 0.0, ADAM)
+    elif start + BLOCK <= end:
+        _step_block(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, offsets, mask, row, step, pid,
+                    globals_ptr, stats_ptr, stats_stride, ADAM, STATS, False)
     else:
-        lr = tl.load(row + LR).to(tl.float64)
-        weight_decay = tl.load(row + WEIGHT_DECAY).to(tl.float64)
-        # AdamC / SGDC (Defazio 2025, arXiv 2506.02285): decay lr * wd * (lr / max_lr).
-        k = tl.where(tl.load(row + CORRECTED) != 0, lr / tl.load(row + MAX_LR).to(tl.float64), 1.0)
-        step = tl.load(tensor_step_ptr + tensor).to(tl.int32)
-        p_old = tl.load(param_ptr + offsets, mask=mask, other=0.0)
-        p = p_old.to(tl.float32)
-        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        # Two multiplies in torch's order: unscale_ (g * 1/scale), then clip_grad_norm_'s g * c.
-        g = g * tl.load(globals_ptr + INV_SCALE) * tl.load(globals_ptr + CLIP_COEF)
-        if ADAM:
-            m1 = tl.load(moment1_ptr + offsets, mask=mask, other=0.0)
-            beta1 = tl.load(row + BETA1).to(tl.float64)
-            beta2 = tl.load(row + BETA2).to(tl.float64)
-            eps = tl.load(row + EPS)
-            correction1 = 1.0 - _power(beta1, step)
-            correction2 = 1.0 - _power(beta2, step)
-            step_size = (lr / correction1).to(tl.float32)
-            correction2_sqrt = tl.sqrt(correction2).to(tl.float32)
-            v = tl.load(moment2_ptr + offsets, mask=mask, other=0.0)
-            gg = g * g
-            decreased = tl.sum((mask & (gg < v)).to(tl.float32), axis=0)
-            p = p * (1.0 - lr * weight_decay * k).to(tl.float32)
-            m1 = beta1.to(tl.float32) * m1 + (1.0 - beta1).to(tl.float32) * g
-            v = beta2.to(tl.float32) * v + (1.0 - beta2).to(tl.float32) * gg
-            # IEEE sqrt and division (Triton's defaults are approximate) to stay within
-            # rounding of torch's sqrt() and addcdiv_.
-            denom = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps
-            p = p - step_size * tl.div_rn(m1, denom)
-            tl.store(moment2_ptr + offsets, v, mask=mask)
-            tl.store(moment1_ptr + offsets, m1, mask=mask)
-        else:
-            momentum = tl.load(row + MOMENTUM)
-            direction = g
-            momentum_sumsq = 0.0
-            if weight_decay != 0:
-                direction = direction + (weight_decay * k).to(tl.float32) * p
-            if momentum != 0:
-                # Without momentum the buffer is neither read nor written (4 B/elem saved).
-                dampening = tl.load(row + DAMPENING)
-                m1 = tl.load(moment1_ptr + offsets, mask=mask, other=0.0)
-                m1 = tl.where(step == 1, direction, momentum * m1 + (1.0 - dampening) * direction)
-                tl.store(moment1_ptr + offsets, m1, mask=mask)
-                momentum_sumsq = tl.sum(m1 * m1, axis=0)
-                if tl.load(row + NESTEROV) != 0:
-                    direction = direction + momentum * m1
-                else:
-                    direction = m1
-            p = p - lr.to(tl.float32) * direction
-        p_new = _store_rounding(p, p_old.dtype)
-        tl.store(param_ptr + offsets, p_new, mask=mask)
-        if STATS:
-            p_stored = p_new.to(tl.float32)
-            delta = p_stored - p_old.to(tl.float32)
-            if ADAM:
-                vhat = v / correction2.to(tl.float32)
-                _store_partials(stats_ptr, stats_stride, pid, tl.sum(p_stored * p_stored, axis=0),
-                                tl.sum(delta * delta, axis=0),
-                                tl.min(tl.where(mask, vhat, float("inf")), axis=0),
-                                tl.max(tl.where(mask, vhat, float("-inf")), axis=0),
-                                tl.sum(vhat, axis=0), decreased, ADAM)
-            else:
-                _store_partials(stats_ptr, stats_stride, pid, tl.sum(p_stored * p_stored, axis=0),
-                                tl.sum(delta * delta, axis=0), momentum_sumsq, 0.0, 0.0, 0.0, ADAM)
+        _step_block(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, offsets, mask, row, step, pid,
+                    globals_ptr, stats_ptr, stats_stride, ADAM, STATS, True)
 
 
 def update(optimizer, param, grad, moment1, moment2, block_tensor, tensor_end, tensor_group,
