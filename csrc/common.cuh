@@ -72,7 +72,8 @@ __device__ __forceinline__ float round_to_storage(float x) {
 //   Every array (also the fp32 moments) uses the storage dtype's W so the slots line up.
 // Tail path (the tensor ends inside the block, or a pointer is unaligned):
 //   slot i <-> element i * kThreads + tid, scalar loads masked by the tensor end.
-// Which path a block takes depends only on the layout, so the summation order is fixed.
+// Which path a block takes depends only on the layout and the buffers' 16-byte alignment (torch's
+// caching allocator hands out 512-byte aligned blocks), so the summation order is fixed.
 template <int W>
 struct Slots {
   static_assert(kPerThread % W == 0, "vector width must divide the elements per thread");
