@@ -1,0 +1,346 @@
+"""The end-of-training gradient-norm surge and its fix: AdamW vs AdamC on a small GPT.
+
+Defazio 2025 (arXiv 2506.02285): for a layer whose output is normalized, weight decay drives
+||g||/||w|| to a steady state, sqrt(2*wd/lr_t) for SGD. With a schedule that decays lr_t to zero,
+AdamW's steady state moves up as lr_t falls (its weights shrink, their gradients grow), so the
+gradient norm surges at the end of training. AdamC decays those layers by lr_t*wd*(lr_t/lr_max),
+which makes the steady state independent of lr_t, and the gradient norm stays flat.
+
+This command trains the same model twice, from the same seed, on the same batches, with the same
+warmup + cosine-to-zero schedule: once with fusedopt.AdamW, once with fusedopt.AdamC, both with
+clipping and statistics. It writes to --out:
+    demo.png      loss, global grad norm, lr, per-layer ||g||/||w|| and ||w|| of both runs
+    steps.jsonl   one JSON object per run and step: lr, loss, step time, every global and
+                  per-tensor statistic of the fused step
+    summary.json  the printed summary table
+
+Surge ratio (the number the summary reports; see `surge_ratio`): the mean global grad norm over
+the last 10% of steps divided by the smallest mean over any window of the same length inside the
+middle of training, steps [T/4, 3T/4).
+
+    python -m fusedopt demo                 # defaults: about 3 minutes on a 2-core CPU
+    python -m fusedopt demo --steps 200 --out /tmp/demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import fusedopt
+from fusedopt.demo_data import Batches, Corpus, generate_corpus, load_file
+from fusedopt.demo_model import GPT, GPTConfig, param_groups
+from fusedopt.tensorboard import log_stats
+
+RUNS = ("AdamW", "AdamC")
+COLORS = {"AdamW": "tab:red", "AdamC": "tab:blue"}
+# Betas and the clip threshold of GPT-style pretraining recipes (nanoGPT, LLaMA).
+BETAS = (0.9, 0.95)
+MAX_GRAD_NORM = 1.0
+VAL_BATCHES = 16
+
+
+@dataclass
+class RunResult:
+    name: str
+    steps: list[dict] = field(default_factory=list)
+    normalized: list[str] = field(default_factory=list)
+    val_loss: float = math.nan
+    seconds: float = 0.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="fusedopt demo",
+        description="Train a small GPT with AdamW and with AdamC (same seed, data and schedule) "
+        "and show AdamW's end-of-training gradient-norm surge and AdamC's fix.",
+    )
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps per run")
+    p.add_argument("--warmup", type=float, default=0.05, help="linear warmup, fraction of steps")
+    # lr * wd * steps = 27 decay timescales, as in real pretraining runs (see docs/demo.md).
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--wd", type=float, default=3.0, help="weight decay of the normalized layers")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--context", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    p.add_argument("--data", default=None, help="train on this file's bytes instead of the "
+                   "generated corpus")
+    p.add_argument("--out", default="fusedopt-demo", help="output directory")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write TensorBoard scalars to DIR/<run> (needs tensorboard)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = p.parse_args(argv)
+    if args.steps < 20:
+        p.error("--steps must be at least 20 (the summary needs windows of 10%% of the steps)")
+    return args
+
+
+def warmup_cosine(steps: int, warmup: int):
+    """LambdaLR factor for scheduler step s (the lr the optimizer uses at step s+1): linear
+    warmup, then cosine to exactly zero at the last step, so the tail of training sees lr -> 0."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = (s - warmup) / max(1, steps - 1 - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train(name: str, args: argparse.Namespace, corpus: Corpus, device: torch.device,
+          writer=None) -> RunResult:
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(corpus.vocab_size, args.context, args.n_layer, args.n_head, args.d_model)
+    model = GPT(cfg).to(device)
+    groups = param_groups(model, args.wd)
+    # Read before the optimizer takes the groups over (it replaces (name, param) pairs by params).
+    normalized = [n for n, _ in groups[0]["params"]]
+    optimizer_cls = fusedopt.AdamC if name == "AdamC" else fusedopt.AdamW
+    # AdamC corrects every group, but the correction scales the decay and only the normalized
+    # group has decay: that group alone differs between the two runs (see param_groups).
+    opt = optimizer_cls(groups, lr=args.lr, betas=BETAS, weight_decay=args.wd, max_lr=args.lr,
+                        max_grad_norm=MAX_GRAD_NORM, backend=args.backend, stats=True)
+    warmup = max(1, round(args.warmup * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, warmup))
+    batches = Batches(corpus.train, args.batch_size, args.context, seed=args.seed)
+    result = RunResult(name, normalized=normalized)
+
+    bar = _progress(args, name)
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        x, y = (t.to(device, non_blocking=True) for t in batches.next())
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        stats = opt.stats()
+        record = stats.to_dict()  # the one sync of the step: loss and stats come back together
+        loss_value = float(loss.detach())
+        ms = 1e3 * (time.perf_counter() - t0)
+        result.steps.append({"run": name, "step": step, "lr": float(lr), "loss": loss_value,
+                             "step_ms": ms, **record})
+        if writer is not None:
+            log_stats(writer, stats, step)
+            writer.add_scalar("train/loss", loss_value, step)
+            writer.add_scalar("train/lr", float(lr), step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", gnorm=f"{record['global']['grad_norm']:.3f}",
+                            ms=f"{ms:.1f}", refresh=False)
+    result.seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    result.val_loss = evaluate(model, corpus, args, device)
+    return result
+
+
+def _progress(args: argparse.Namespace, name: str):
+    if args.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=args.steps, desc=f"{name:>5}", unit="step", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, corpus: Corpus, args: argparse.Namespace, device: torch.device) -> float:
+    """Mean loss over fixed held-out batches (the same for both runs)."""
+    model.eval()
+    batches = Batches(corpus.val, args.batch_size, args.context, seed=10_000 + args.seed)
+    losses = [float(model(*(t.to(device) for t in batches.next()))) for _ in range(VAL_BATCHES)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def surge_ratio(values: list[float]) -> float:
+    """Mean of the last 10% of `values` over the smallest mean of any window of the same length
+    lying inside the middle of training, [T/4, 3T/4). Window means (rather than single steps)
+    keep one lucky low-noise step from inflating the ratio."""
+    t = len(values)
+    w = max(1, t // 10)
+    x = torch.tensor(values, dtype=torch.float64)
+    middle = x[t // 4: (3 * t) // 4]
+    mid_min = middle.unfold(0, w, 1).mean(dim=1).min() if len(middle) >= w else middle.mean()
+    return float(x[-w:].mean() / mid_min)
+
+
+def normalized_ratio(record: dict, names: list[str]) -> float:
+    """Mean over the normalized layers of ||g||/||w||."""
+    tensors = record["tensors"]
+    return sum(tensors[n]["grad_norm"] / tensors[n]["weight_norm"] for n in names) / len(names)
+
+
+def summarize(results: list[RunResult]) -> dict:
+    summary = {}
+    for r in results:
+        t = len(r.steps)
+        w = max(1, t // 10)
+        losses = [s["loss"] for s in r.steps]
+        gnorm = [s["global"]["grad_norm"] for s in r.steps]
+        ratio = [normalized_ratio(s, r.normalized) for s in r.steps]
+        summary[r.name] = {
+            "val_loss": r.val_loss,
+            "train_loss_last_10pct": sum(losses[-w:]) / w,
+            "grad_norm_last_10pct": sum(gnorm[-w:]) / w,
+            "surge_ratio": surge_ratio(gnorm),
+            "g_over_w_surge_ratio": surge_ratio(ratio),
+            "seconds": r.seconds,
+            "ms_per_step": 1e3 * r.seconds / t,
+        }
+    return summary
+
+
+def print_summary(summary: dict, corpus: Corpus) -> None:
+    header = (f"{'run':<6} {'val loss':>9} {'train loss':>11} {'grad norm':>10} "
+              f"{'surge':>7} {'g/w surge':>10} {'ms/step':>8}")
+    print()
+    print(header)
+    print("-" * len(header))
+    for name, s in summary.items():
+        print(f"{name:<6} {s['val_loss']:>9.4f} {s['train_loss_last_10pct']:>11.4f} "
+              f"{s['grad_norm_last_10pct']:>10.4f} {s['surge_ratio']:>7.2f} "
+              f"{s['g_over_w_surge_ratio']:>10.2f} {s['ms_per_step']:>8.1f}")
+    print(f"\nlosses in nats/token; unigram entropy of the data {corpus.unigram_entropy():.3f}")
+    print("train loss and grad norm: means over the last 10% of steps")
+    print("surge: mean global grad norm over the last 10% of steps / its smallest 10%-window "
+          "mean in steps [T/4, 3T/4)")
+    print("g/w surge: the same for the mean ||g||/||w|| of the normalized layers")
+
+
+def plot(results: list[RunResult], args: argparse.Namespace, device: torch.device,
+         path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    (ax_loss, ax_gnorm, ax_lr), (ax_ratio_w, ax_ratio_c, ax_wnorm) = axes
+    smooth = max(1, len(results[0].steps) // 100)
+    ratio_max = 0.0
+    for r in results:
+        steps = [s["step"] for s in r.steps]
+        color = COLORS[r.name]
+        ax_loss.plot(steps, _moving_mean([s["loss"] for s in r.steps], smooth), color=color,
+                     label=f"{r.name} (val {r.val_loss:.3f})")
+        ax_gnorm.plot(steps, [s["global"]["grad_norm"] for s in r.steps], color=color, alpha=0.25,
+                      lw=0.6)
+        ax_gnorm.plot(steps, _moving_mean([s["global"]["grad_norm"] for s in r.steps], smooth),
+                      color=color, label=r.name)
+        ax_lr.plot(steps, [s["lr"] for s in r.steps], color=color, label=r.name,
+                   ls="-" if r.name == "AdamW" else "--")
+        wnorm = [math.sqrt(sum(s["tensors"][n]["weight_norm"] ** 2 for n in r.normalized))
+                 for s in r.steps]
+        ax_wnorm.plot(steps, wnorm, color=color, label=r.name)
+        ax_ratio = ax_ratio_w if r.name == "AdamW" else ax_ratio_c
+        cmap = plt.get_cmap("viridis")
+        for i, n in enumerate(r.normalized):
+            ratio = [s["tensors"][n]["grad_norm"] / s["tensors"][n]["weight_norm"]
+                     for s in r.steps]
+            ratio = _moving_mean(ratio, smooth)
+            ratio_max = max(ratio_max, max(ratio))
+            ax_ratio.plot(steps, ratio, color=cmap(i / max(1, len(r.normalized) - 1)), lw=1,
+                          label=n.removesuffix(".weight"))
+        ax_ratio.set_title(f"{r.name}: ||g|| / ||w|| of each normalized layer")
+    t = len(results[0].steps)
+    for ax in (ax_gnorm, ax_ratio_w, ax_ratio_c):
+        ax.axvspan(t // 4, (3 * t) // 4, color="0.9", zorder=0)
+        ax.axvspan(t - t // 10, t, color="mistyrose", zorder=0)
+    ax_loss.set_title("training loss")
+    ax_loss.set_ylim(top=min(ax_loss.get_ylim()[1], 2 * max(r.steps[-1]["loss"] for r in results)
+                             + 0.5))
+    ax_gnorm.set_title("global grad norm (before clipping)")
+    ax_gnorm.text(0.02, 0.95, "grey: middle [T/4, 3T/4)\nred: last 10%",
+                  transform=ax_gnorm.transAxes, va="top", fontsize=8)
+    ax_lr.set_title("learning rate (same schedule in both runs)")
+    ax_wnorm.set_title("||w|| of the normalized layers (all together)")
+    for ax in (ax_ratio_w, ax_ratio_c):
+        ax.set_yscale("log")
+        ax.set_ylim(top=ratio_max * 1.5)
+    ax_ratio_c.sharey(ax_ratio_w)
+    ax_ratio_w.legend(fontsize=7, ncol=2, loc="upper left")
+    for ax in (ax_loss, ax_gnorm, ax_lr, ax_wnorm):
+        ax.legend(fontsize=9)
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"AdamW vs AdamC: {args.n_layer}-layer GPT (d={args.d_model}), {args.steps} steps, "
+        f"peak lr {args.lr:g}, wd {args.wd:g}, warmup {args.warmup:g} + cosine to 0, "
+        f"clip {MAX_GRAD_NORM:g}; {device.type}"
+        + (f" (curves: {smooth}-step moving means)" if smooth > 1 else ""),
+        fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _moving_mean(values: list[float], window: int) -> list[float]:
+    """Trailing moving mean; the first steps average over what exists so far."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _summary_writer(log_dir: Path):
+    # Imported here: tensorboard is optional and only --tensorboard needs it.
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise SystemExit(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}")
+    return SummaryWriter(str(log_dir))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    corpus = load_file(args.data) if args.data else generate_corpus()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"data: {corpus.description}, {len(corpus.train)} train tokens, vocab "
+          f"{corpus.vocab_size}, unigram entropy {corpus.unigram_entropy():.3f} nats")
+    print(f"device: {device}, backend: {args.backend}, steps: {args.steps}, lr: {args.lr:g}, "
+          f"wd: {args.wd:g}")
+
+    results = []
+    for name in RUNS:
+        writer = _summary_writer(Path(args.tensorboard) / name) if args.tensorboard else None
+        results.append(train(name, args, corpus, device, writer))
+        if writer is not None:
+            writer.close()
+
+    with open(out / "steps.jsonl", "w") as f:
+        for r in results:
+            for s in r.steps:
+                f.write(json.dumps(s) + "\n")
+    summary = summarize(results)
+    settings = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    (out / "summary.json").write_text(json.dumps(
+        {"settings": settings, "device": str(device), "data": corpus.description,
+         "unigram_entropy": corpus.unigram_entropy(), "runs": summary}, indent=2))
+    plot(results, args, device, out / "demo.png")
+    print_summary(summary, corpus)
+    print(f"\nwrote {out / 'demo.png'}, {out / 'steps.jsonl'}, {out / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
