@@ -100,11 +100,13 @@ setup(
     ext_modules=[CMakeExtension("fusedopt._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    # torch>=2.4: torch.amp.GradScaler's grad_scale/found_inf protocol and tensor lr in schedulers.
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    # torch>=2.6: named parameters in torch.optim param groups ("param_names"), tensor lr in
+    # schedulers and torch.amp.GradScaler's grad_scale/found_inf protocol.
+    install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.1"],
-        "test": ["pytest", "triton>=3.1"],
+        # transformers: the block classifier's tests build GPT-2 / LLaMA models from configs.
+        "test": ["pytest", "triton>=3.1", "transformers"],
     },
     entry_points={"console_scripts": ["fusedopt-demo=fusedopt.demo:main"]},
 )
