@@ -194,8 +194,19 @@ def build_torch_compiled(params, device):
     return step
 
 
+def uses_loss_scaling(params):
+    """bf16 training runs without a loss scaler (bf16 has fp32's exponent range), and torch's
+    unscale_ refuses bf16 gradients; fp32 and fp16 steps carry the scaler."""
+    return params[0].dtype != torch.bfloat16
+
+
 def build_stock_pipeline(params, device):
     opt = _torch_adamw(params, fused=True)
+    if not uses_loss_scaling(params):
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            opt.step()
+        return step
     scaler = torch.amp.GradScaler(device.type, **SCALER_KW)
     scaler.scale(torch.ones((), device=device))  # as the loss would: creates the scale tensor
 
@@ -213,6 +224,8 @@ def _fusedopt_builder(backend: str, stats: bool):
         import fusedopt
         opt = fusedopt.AdamC(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                              max_grad_norm=MAX_GRAD_NORM, backend=backend, stats=stats)
+        if not uses_loss_scaling(params):
+            return opt.step
         scaler = fusedopt.GradScaler(**SCALER_KW)
         scaler.scale(torch.ones((), device=device))
 

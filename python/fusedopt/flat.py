@@ -77,6 +77,9 @@ class FlatBuffer:
         self.grad_views = [self.view(self.grad, i) for i in range(len(self.params))]
         for i in range(len(self.params)):
             self.rehome(i)
+        # Where each param's storage must start: checked every step, so kept as plain ints
+        # (building a view to ask would cost ~5 us a param: 6 ms a step at 1200 tensors).
+        self.param_ptrs = [p.data_ptr() for p in self.params]
 
     def view(self, flat, i):
         p = self.params[i]

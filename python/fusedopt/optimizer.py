@@ -196,20 +196,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         into the flat buffer and re-bound, so the step is never computed from stale values.
         """
         groups = []
+        group_of = self._group_of
         for buf in ds.buffers:
-            for i, p in enumerate(buf.params):
-                if p.data_ptr() != buf.view(buf.param, i).data_ptr():
+            for p, view, ptr, i in zip(buf.params, buf.grad_views, buf.param_ptrs,
+                                       range(len(buf.params))):
+                if p.data_ptr() != ptr:
                     buf.rehome(i)
                 grad = p.grad
                 if grad is None:
                     groups.append(-1)
                     continue
-                view = buf.grad_views[i]
                 if grad is not view:
                     self._check_grad(p, grad)
                     view.copy_(grad)
                     p.grad = view
-                groups.append(self._group_of[p])
+                groups.append(group_of[p])
         groups = tuple(groups)
         if groups != ds.uploaded_groups:
             _refuse_during_capture("the set of parameters with gradients")
