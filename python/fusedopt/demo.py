@@ -60,11 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train a small GPT with AdamW and with AdamC (same seed, data and schedule) "
         "and show AdamW's end-of-training gradient-norm surge and AdamC's fix.",
     )
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps per run")
     p.add_argument("--warmup", type=float, default=0.05, help="linear warmup, fraction of steps")
-    # lr * wd * steps = 27 decay timescales, as in real pretraining runs (see docs/demo.md).
+    # lr * wd * steps = 27 weight-decay timescales, as in real pretraining runs (docs/demo.md).
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--wd", type=float, default=3.0, help="weight decay of the normalized layers")
+    p.add_argument("--wd", type=float, default=1.5, help="weight decay of the normalized layers")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context", type=int, default=64, help="tokens per sequence")
     p.add_argument("--n-layer", type=int, default=2)
@@ -263,6 +263,10 @@ def plot(results: list[RunResult], args: argparse.Namespace, device: torch.devic
     ax_loss.set_title("training loss")
     ax_loss.set_ylim(top=min(ax_loss.get_ylim()[1], 2 * max(r.steps[-1]["loss"] for r in results)
                              + 0.5))
+    # The warmup spike would squash the part that matters, the middle and the end.
+    late = [v for r in results
+            for v in _moving_mean([s["global"]["grad_norm"] for s in r.steps], smooth)[t // 4:]]
+    ax_gnorm.set_ylim(0, 1.6 * max(late))
     ax_gnorm.set_title("global grad norm (before clipping)")
     ax_gnorm.text(0.02, 0.95, "grey: middle [T/4, 3T/4)\nred: last 10%",
                   transform=ax_gnorm.transAxes, va="top", fontsize=8)
