@@ -153,16 +153,29 @@ def _step_block(param_ptr, grad_ptr, moment1_ptr, moment2_ptr, offsets, mask, ro
     p_new = _store_rounding(p, p_old.dtype)
     _store(param_ptr, offsets, p_new, mask, MASKED)
     if STATS:
-        p_stored = tl.where(mask, p_new.to(tl.float32), 0.0)
-        delta = p_stored - tl.where(mask, p_old.to(tl.float32), 0.0)
+        p_stored = p_new.to(tl.float32)
+        p_before = p_old.to(tl.float32)
+        if MASKED:
+            # Masked lanes loaded 0 and computed garbage from it: keep them out of the sums.
+            # Only the tail block pays for the selects: applied to every block they cost 13%
+            # of the update at 1.1B fp32 (10.28 ms -> 11.66 ms; now 10.44 ms, H100).
+            p_stored = tl.where(mask, p_stored, 0.0)
+            p_before = tl.where(mask, p_before, 0.0)
+        delta = p_stored - p_before
         if ADAM:
             vhat = v / correction2.to(tl.float32)
+            decreased = (gg < v_old).to(tl.float32)
+            vhat_low, vhat_high, vhat_sum = vhat, vhat, vhat
+            if MASKED:
+                decreased = tl.where(mask, decreased, 0.0)
+                vhat_low = tl.where(mask, vhat, float("inf"))
+                vhat_high = tl.where(mask, vhat, float("-inf"))
+                vhat_sum = tl.where(mask, vhat, 0.0)
             # One reduction of six operands: one round through shared memory instead of six
             # (sm_90 PTX of the whole kernel, every path: 29 -> 19 bar.sync).
             weight_sumsq, update_sumsq, vhat_min, vhat_max, vhat_sum, decreased = tl.reduce(
-                (p_stored * p_stored, delta * delta, tl.where(mask, vhat, float("inf")),
-                 tl.where(mask, vhat, float("-inf")), tl.where(mask, vhat, 0.0),
-                 (mask & (gg < v_old)).to(tl.float32)), 0, _combine_adam_stats)
+                (p_stored * p_stored, delta * delta, vhat_low, vhat_high, vhat_sum, decreased), 0,
+                _combine_adam_stats)
             _store_partials(stats_ptr, stats_stride, pid, weight_sumsq, update_sumsq, vhat_min,
                             vhat_max, vhat_sum, decreased, ADAM)
         else:
@@ -225,4 +238,6 @@ def update(optimizer, param, grad, moment1, moment2, block_tensor, tensor_end, t
         param, grad, moment1, moment2 if adam else moment1, block_tensor, tensor_end, tensor_group,
         tensor_step, hyper, globals_, stats_partials if stats else globals_,
         stats_partials.stride(0) if stats else 0, ADAM=adam, STATS=stats, BLOCK=BLOCK,
-        num_warps=8)
+        # 4 warps (32 elements a thread): 10.28 ms at 1.1B fp32 on the H100 against 11.76 ms
+        # with 8 and 11.12 ms with 16 (triton.testing.do_bench medians, one run).
+        num_warps=4)
