@@ -166,6 +166,8 @@ def worker(rank, world, port, args):
                             torch.cuda.empty_cache()
                     if rank == 0:
                         write(args, rows, world)
+        # Every rank done before teardown (gloo can abort a rank whose peer leaves early).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -138,10 +138,12 @@ def _worker(rank, world, port, device_type, scenario, kwargs):
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    try:
-        SCENARIOS[scenario](rank, world, device, **kwargs)
-    finally:
-        dist.destroy_process_group()
+    SCENARIOS[scenario](rank, world, device, **kwargs)
+    # Without this barrier, gloo processes intermittently aborted at teardown ("terminate called
+    # without an active exception") when one rank destroyed the group while another was still
+    # finishing its last collective. On failure the process just exits: spawn reports it.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def spawn(world, scenario, device_type="cpu", **kwargs):
