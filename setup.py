@@ -105,6 +105,7 @@ setup(
     install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.1"],
+        "tensorboard": ["tensorboard"],
         # transformers: the block classifier's tests build GPT-2 / LLaMA models from configs.
         "test": ["pytest", "triton>=3.1", "transformers"],
     },

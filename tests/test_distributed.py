@@ -284,7 +284,37 @@ def checkpoint_load(rank, world, device, backend, dtype, path, tol):
     assert_same_params(plain_net, expected, tol)
 
 
+def sharded_with_grad_scaler(rank, world, device, backend, dtype, tol):
+    """fusedopt.GradScaler drives the sharded step: every rank backs off and grows its scale
+    exactly as a single process does, and an inf on one rank skips the step everywhere."""
+    runs = []
+    for r, w in ((rank, world), (0, 1)):
+        net = Net(dtype).to(device)
+        opt = make_optimizer("adam", groups(net), backend, dtype)
+        if w > 1:
+            opt = ShardedOptimizer(opt)
+        runs.append((net, opt, fusedopt.GradScaler(init_scale=2.0 ** 10, growth_interval=2), r, w))
+    for step in range(4):
+        x, y = batches(step, dtype, device)
+        for net, opt, scaler, r, w in runs:
+            opt.zero_grad()
+            rows = slice(r * BATCH // w, (r + 1) * BATCH // w)
+            for k in range(MICRO_BATCHES):
+                loss = (net(x[k, rows]) - y[k, rows]).square().mean() / MICRO_BATCHES
+                if step == 2 and r == w - 1:
+                    loss = loss * float("inf")
+                scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    (net, opt, scaler, _, _), (ref_net, ref_opt, ref_scaler, _, _) = runs
+    # 1024, grows to 2048 after two clean steps, backs off to 1024 on the inf, one clean step.
+    assert scaler.get_scale() == ref_scaler.get_scale() == 2.0 ** 10
+    assert opt.stats().to_dict()["global"]["skipped_steps"] == 1
+    assert_same_params(net, ref_net, tol)
+
+
 SCENARIOS = {f.__name__: f for f in (ddp_matches_single_process, sharded_matches_single_process,
+                                     sharded_with_grad_scaler,
                                      inf_on_one_rank_skips_everywhere, checkpoint_save,
                                      checkpoint_load)}
 
@@ -308,10 +338,14 @@ def test_sharded_triton_kernels_match_single_process():
     moments to carry)."""
     if not fusedopt.backends.available("triton"):
         pytest.skip("triton is not installed")
-    if not (torch.cuda.is_available() or fusedopt.backends.triton_interpreted()):
-        pytest.skip("needs TRITON_INTERPRET=1 on a machine without a GPU")
+    if not fusedopt.backends.triton_interpreted():
+        pytest.skip("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
     spawn(2, "sharded_matches_single_process", kind="adam", backend="triton",
           dtype=torch.float32, tol=F32, steps=2)
+
+
+def test_grad_scaler_drives_the_sharded_step():
+    spawn(2, "sharded_with_grad_scaler", backend="reference", dtype=torch.float64, tol=F64)
 
 
 def test_inf_on_one_rank_skips_the_step_on_all_ranks():

@@ -170,3 +170,35 @@ def test_64bit_indexing_above_2_pow_31_elements(gpu_backend):
     assert stats["global"]["grad_norm"] == pytest.approx(10 ** 0.5, rel=1e-6)
     del p, opt
     torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_one_optimizer_across_two_devices_shares_the_clip_norm(gpu_backend):
+    """Params on cuda:0 and cuda:1 in one optimizer: every device sums the same per-tensor
+    values in the same order, so the norm, the clip and the skip decision agree across them,
+    and the result equals the reference on one device."""
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(5000, generator=gen), torch.randn(300, 7, generator=gen)]
+    grads = [torch.randn(v.shape, generator=gen) for v in values]
+    split = [values[0].to("cuda:0").requires_grad_(), values[1].to("cuda:1").requires_grad_()]
+    single = [v.to("cuda:0").requires_grad_() for v in values]
+    results = []
+    for params, backend in ((split, gpu_backend), (single, "reference")):
+        opt = fusedopt.AdamW(params, lr=1e-2, max_grad_norm=0.5, backend=backend, stats=True)
+        scaler = fusedopt.GradScaler(init_scale=4.0)
+        for step in range(3):
+            loss = sum((p * g.to(p.device)).sum().to("cuda:0") for p, g in zip(params, grads))
+            if step == 1:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        results.append(([p.detach().cpu() for p in params], opt.stats().to_dict()["global"],
+                        scaler.get_scale()))
+    (a, ga, sa), (b, gb, sb) = results
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    assert ga["skipped_steps"] == gb["skipped_steps"] == 1
+    assert ga["grad_norm"] == pytest.approx(gb["grad_norm"], rel=1e-6)
+    assert sa == sb

@@ -10,7 +10,8 @@ from fusedopt.blocks import classify, param_groups
 from fusedopt.scaler import GradScaler
 from fusedopt.sgd import SGD, SGDC
 from fusedopt.stats import StepStats
+from fusedopt.tensorboard import log_stats
 
 __all__ = ["AdamW", "AdamC", "SGD", "SGDC", "GradScaler", "StepStats", "blocks", "classify",
-           "param_groups", "diagnostics"]
+           "param_groups", "diagnostics", "log_stats"]
 __version__ = "0.1.0"

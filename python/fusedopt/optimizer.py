@@ -272,9 +272,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if scaling.scaler is not None and scaling.scale.device not in self._devices:
             raise RuntimeError(f"GradScaler: its scale is on {scaling.scale.device}, where this "
                                "optimizer has no parameters")
+        # Copy the scale to every device before any finalize updates it in place: a copy taken
+        # later would read the updated scale and unscale that device's gradients with it.
+        scales = {ds.device: scaling.scale_on(ds.device) for ds in devices}
         for ds in devices:
             kernels = backends.kernels(ds.backend)
-            scale = scaling.unscale_on(ds.device)
+            scale = None if scaling.already_unscaled else scales[ds.device]
             for buf in ds.buffers:
                 kernels.grad_norm(buf.grad, buf.block_tensor, ds.tensor_end, ds.tensor_group,
                                   scale, buf.block_sums)
@@ -288,7 +291,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 [d.tensor_sums.to(ds.device, non_blocking=True) for d in devices], dim=1)
             updates_scale = scaling.updates_on(ds.device)
             kernels.finalize(sums, ds.tensor_group, ds.tensor_step, ds.globals,
-                             scaling.scale_on(ds.device),
+                             scales[ds.device],
                              scaling.growth_tracker if updates_scale else None,
                              scaling.found_inf_on(ds.device), self.max_grad_norm or 0.0,
                              scaling.growth_factor, scaling.backoff_factor,
@@ -457,10 +460,6 @@ class _ScaleInputs:
         if self.scale is None:
             return None
         return self.scale if self.scale.device == device else self.scale.to(device, non_blocking=True)
-
-    def unscale_on(self, device):
-        """The scale grad_norm divides by: none once scaler.unscale_ has already divided."""
-        return None if self.already_unscaled else self.scale_on(device)
 
     def found_inf_on(self, device):
         if self.found_inf is None:

@@ -62,7 +62,9 @@ class GradScaler:
         raise TypeError(f"outputs must be a tensor or a list/tuple of tensors, got {type(outputs)}")
 
     def _check_optimizer(self, optimizer, verb):
-        if not isinstance(optimizer, FusedOptimizer):
+        # Imported here: fusedopt.distributed imports this module's package at load time.
+        from fusedopt.distributed import ShardedOptimizer
+        if not isinstance(optimizer, (FusedOptimizer, ShardedOptimizer)):
             raise TypeError(f"optimizer: fusedopt.GradScaler.{verb} takes a fusedopt optimizer, got "
                             f"{type(optimizer).__name__}; use torch.amp.GradScaler for torch optimizers")
         if self._scale is None:
