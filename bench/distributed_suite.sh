@@ -7,7 +7,8 @@
 #   1. versions: GPUs, torch, NCCL, triton                                        -> suite.log
 #   2. fusedopt importable (pip install -e . without network if not; BUILD_CUDA=1 also
 #      builds the CUDA extension, otherwise the kernels are Triton's)              -> build.log
-#   3. the GPU tests of tests/test_distributed.py (NCCL, 2 GPUs)                   -> tests.log
+#   3. the GPU tests of tests/test_distributed.py (NCCL, 2 GPUs) and the one-optimizer-
+#      across-two-devices test of tests/test_gpu.py                                -> tests.log
 #   4. bench/bench_distributed.py: sharded vs all-reduce + fused vs fused on one GPU at
 #      the LLaMA 1.1B shapes, fp32 and bf16 (writes after every row)              -> distributed.json, .md
 # The markdown table is printed last.
@@ -79,7 +80,9 @@ gpu_tests() {
     say "GPU tests of tests/test_distributed.py, limit ${t}s"
     # SIGINT at the limit: pytest reports the test it was in and the summary so far.
     timeout -s INT -k 15 "$t" python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
-        --durations=10 tests/test_distributed.py >"$OUT/tests.log" 2>&1
+        --durations=10 tests/test_distributed.py \
+        "tests/test_gpu.py::test_one_optimizer_across_two_devices_shares_the_clip_norm" \
+        >"$OUT/tests.log" 2>&1
     local rc=$?
     tail -n 20 "$OUT/tests.log"
     echo "tests: exit $rc"

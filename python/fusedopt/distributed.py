@@ -229,7 +229,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _kernel_step(self, scaling):
         ds, inner = self.ds, self.inner
         kernels = backends.kernels(ds.backend)
-        scale = scaling.unscale_on(ds.device)
+        full_scale = scaling.scale_on(ds.device)
+        scale = None if scaling.already_unscaled else full_scale
         for shard in self.shards:
             buf = shard.buf
             if shard.real_blocks == 0:
@@ -248,7 +249,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         dist.all_reduce(self._comm, op=dist.ReduceOp.SUM, group=self.group)
         updates_scale = scaling.updates_on(ds.device)
         kernels.finalize(ds.tensor_sums, ds.tensor_group, ds.tensor_step, ds.globals,
-                         scaling.scale_on(ds.device),
+                         full_scale,
                          scaling.growth_tracker if updates_scale else None, external,
                          inner.max_grad_norm or 0.0, scaling.growth_factor,
                          scaling.backoff_factor, scaling.growth_interval, updates_scale)
