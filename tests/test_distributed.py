@@ -7,6 +7,7 @@ world sizes 2 and 3 a weight matrix (blocks 4..6) spans two shards, and one para
 gradient.
 """
 import os
+import sys
 import socket
 import tempfile
 from datetime import timedelta
@@ -144,6 +145,12 @@ def _worker(rank, world, port, device_type, scenario, kwargs):
     # finishing its last collective. On failure the process just exits: spawn reports it.
     dist.barrier()
     dist.destroy_process_group()
+    # Even after the barrier, 2 of 12 runs of the inf scenario aborted the same way while the
+    # interpreter shut down, after every assertion had passed: leave without running static
+    # destructors. A failed assertion raises above and still fails the test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(world, scenario, device_type="cpu", **kwargs):
