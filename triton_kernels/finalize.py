@@ -7,17 +7,9 @@ scale (torch._amp_update_scale_'s rule). Reads 8 B and writes 4 B per tensor: mi
 import triton
 import triton.language as tl
 
-from fusedopt import flat
+from .layout import CLIP_COEF, FOUND_INF, GRAD_NORM, INV_SCALE, SCALE, SKIPPED_STEPS
 
 CHUNK = 1024
-# Slots of the globals array, as constexpr so the kernel can read them (Triton refuses other
-# module globals inside @jit functions).
-GRAD_NORM = tl.constexpr(flat.GRAD_NORM)
-CLIP_COEF = tl.constexpr(flat.CLIP_COEF)
-FOUND_INF = tl.constexpr(flat.FOUND_INF)
-INV_SCALE = tl.constexpr(flat.INV_SCALE)
-SKIPPED_STEPS = tl.constexpr(flat.SKIPPED_STEPS)
-SCALE = tl.constexpr(flat.SCALE)
 
 
 @triton.jit

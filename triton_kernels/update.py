@@ -16,24 +16,10 @@ On found_inf the kernel branches out before touching anything: a skip factor wou
 import triton
 import triton.language as tl
 
-from fusedopt import flat
 from fusedopt.flat import BLOCK
 
-# Columns of the hyper table and slots of globals, as constexpr for use inside @jit functions.
-LR = tl.constexpr(flat.LR)
-MAX_LR = tl.constexpr(flat.MAX_LR)
-WEIGHT_DECAY = tl.constexpr(flat.WEIGHT_DECAY)
-BETA1 = tl.constexpr(flat.BETA1)
-BETA2 = tl.constexpr(flat.BETA2)
-EPS = tl.constexpr(flat.EPS)
-MOMENTUM = tl.constexpr(flat.MOMENTUM)
-DAMPENING = tl.constexpr(flat.DAMPENING)
-CORRECTED = tl.constexpr(flat.CORRECTED)
-NESTEROV = tl.constexpr(flat.NESTEROV)
-HYPER_COLUMNS = tl.constexpr(flat.HYPER_COLUMNS)
-CLIP_COEF = tl.constexpr(flat.CLIP_COEF)
-FOUND_INF = tl.constexpr(flat.FOUND_INF)
-INV_SCALE = tl.constexpr(flat.INV_SCALE)
+from .layout import (BETA1, BETA2, CLIP_COEF, CORRECTED, DAMPENING, EPS, FOUND_INF, HYPER_COLUMNS,
+                     INV_SCALE, LR, MAX_LR, MOMENTUM, NESTEROV, WEIGHT_DECAY)
 
 
 @triton.jit
