@@ -202,3 +202,28 @@ def test_one_optimizer_across_two_devices_shares_the_clip_norm(gpu_backend):
     assert ga["skipped_steps"] == gb["skipped_steps"] == 1
     assert ga["grad_norm"] == pytest.approx(gb["grad_norm"], rel=1e-6)
     assert sa == sb
+
+
+def test_state_dict_survives_a_device_change(gpu_backend):
+    """Save on the GPU, load into a CPU (reference) optimizer and back; both continue alike."""
+    gpu_net = make_model(4)
+    gpu_opt = fusedopt.AdamC(gpu_net.parameters(), lr=1e-2, weight_decay=0.1, backend=gpu_backend)
+    x = torch.randn(8, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    for _ in range(3):
+        gpu_opt.zero_grad()
+        gpu_net(x).square().mean().backward()
+        gpu_opt.step()
+    cpu_net = make_model(4).cpu()
+    cpu_net.load_state_dict({k: v.cpu() for k, v in gpu_net.state_dict().items()})
+    cpu_opt = fusedopt.AdamC(cpu_net.parameters(), lr=1e-2, weight_decay=0.1)
+    cpu_opt.load_state_dict(gpu_opt.state_dict())
+    for net, opt, inp in ((gpu_net, gpu_opt, x), (cpu_net, cpu_opt, x.cpu())):
+        opt.zero_grad()
+        net(inp).square().mean().backward()
+        opt.step()
+    for a, b in zip(gpu_net.parameters(), cpu_net.parameters()):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), atol=1e-5, rtol=1e-4)
+    back = fusedopt.AdamC(make_model(4).parameters(), lr=1e-2, weight_decay=0.1, backend=gpu_backend)
+    back.load_state_dict(cpu_opt.state_dict())
+    for p, q in zip(back.state, cpu_opt.state):
+        assert torch.equal(back.state[p]["exp_avg"].cpu(), cpu_opt.state[q]["exp_avg"])
