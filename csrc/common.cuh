@@ -65,6 +65,14 @@ __device__ __forceinline__ float round_to_storage(float x) {
   return Storage<T>::to_float(Storage<T>::from_float(x));
 }
 
+// A thread's kPerThread elements of one array as raw 16-byte vectors (the full path's loads before
+// conversion): 4 vectors for fp32, 2 for bf16/fp16.
+template <typename S>
+struct RawSlots {
+  static_assert((kPerThread * int(sizeof(S))) % 16 == 0, "slots must fill whole 16-byte vectors");
+  uint4 v[kPerThread * int(sizeof(S)) / 16];
+};
+
 // Element mapping of one BLOCK onto a thread's kPerThread slots.
 // Full path (the block is entirely inside the tensor and the base pointers are 16-byte aligned):
 //   slot k * W + j <-> element (k * kThreads + tid) * W + j, W = kVec of the storage dtype, so
@@ -85,29 +93,55 @@ struct Slots {
     return full || start + int64_t(slot) * kThreads + threadIdx.x < end;
   }
 
+  // Full path only: the raw 16-byte vectors of one array's slots, issued back to back and not yet
+  // converted. A kernel that reads several arrays loads all of them raw first and unpacks after:
+  // converting a 2-byte type is real work (shift/PRMT), and done inside the per-array full/tail
+  // branch it would make each array's loads wait for the previous array's data (one DRAM round
+  // trip per array instead of one per block). For fp32 the unpack is a register rename.
+  template <typename S>
+  __device__ __forceinline__ void load_raw(const S* __restrict__ base, RawSlots<S>& raw) const {
+    constexpr int kLoads = W * int(sizeof(S)) / 16;  // 16-byte loads per W elements of S
+#pragma unroll
+    for (int k = 0; k < kPerThread / W; ++k) {
+      const S* src = base + start + int64_t(k * kThreads + threadIdx.x) * W;
+#pragma unroll
+      for (int l = 0; l < kLoads; ++l) raw.v[k * kLoads + l] = reinterpret_cast<const uint4*>(src)[l];
+    }
+  }
+
+  template <typename S>
+  static __device__ __forceinline__ void unpack(const RawSlots<S>& raw, float (&out)[kPerThread]) {
+    using Bits = typename Storage<S>::Bits;
+    constexpr int kLoads = W * int(sizeof(S)) / 16;
+#pragma unroll
+    for (int k = 0; k < kPerThread / W; ++k) {
+      Bits bits[W];
+      memcpy(bits, &raw.v[k * kLoads], sizeof(bits));
+#pragma unroll
+      for (int j = 0; j < W; ++j) out[k * W + j] = Storage<S>::to_float(bits[j]);
+    }
+  }
+
+  // Tail path: scalar loads masked by the end; masked slots read as 0.
+  template <typename S>
+  __device__ __forceinline__ void load_tail(const S* __restrict__ base, float (&out)[kPerThread]) const {
+    using Bits = typename Storage<S>::Bits;
+    const Bits* src = reinterpret_cast<const Bits*>(base);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int64_t e = start + int64_t(i) * kThreads + threadIdx.x;
+      out[i] = e < end ? Storage<S>::to_float(src[e]) : 0.f;
+    }
+  }
+
   template <typename S>
   __device__ __forceinline__ void load(const S* __restrict__ base, float (&out)[kPerThread]) const {
-    using Bits = typename Storage<S>::Bits;
     if (full) {
-      constexpr int kLoads = W * int(sizeof(S)) / 16;  // 16-byte loads per W elements of S
-#pragma unroll
-      for (int k = 0; k < kPerThread / W; ++k) {
-        const S* src = base + start + int64_t(k * kThreads + threadIdx.x) * W;
-        uint4 raw[kLoads];
-#pragma unroll
-        for (int l = 0; l < kLoads; ++l) raw[l] = reinterpret_cast<const uint4*>(src)[l];
-        Bits bits[W];
-        memcpy(bits, raw, sizeof(bits));
-#pragma unroll
-        for (int j = 0; j < W; ++j) out[k * W + j] = Storage<S>::to_float(bits[j]);
-      }
+      RawSlots<S> raw;
+      load_raw(base, raw);
+      unpack(raw, out);
     } else {
-      const Bits* src = reinterpret_cast<const Bits*>(base);
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i) {
-        const int64_t e = start + int64_t(i) * kThreads + threadIdx.x;
-        out[i] = e < end ? Storage<S>::to_float(src[e]) : 0.f;
-      }
+      load_tail(base, out);
     }
   }
 

@@ -197,16 +197,36 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
     const Slots<kVec<T>> slots = block_slots<kVec<T>>(block, a.tensor_end[tensor], aligned);
     T* param = static_cast<T*>(a.param);
     float p[kPerThread], m[kPerThread], v[kPerThread];
-    // Loads first, so they are in flight while thread 0 computes the block's constants.
-    slots.load(param, p);
-    if (!found_inf) {
-      float g[kPerThread];
-      slots.load(static_cast<const T*>(a.grad), g);
-      if (uses_moment1) slots.load(a.moment1, m);
-      if constexpr (kAdam) slots.load(a.moment2, v);
+    // The block's constants, computed by thread 0 while the loads are in flight.
+    const auto block_coeffs = [&]() {
       if (threadIdx.x == 0) shared_coeffs = make_coeffs<OPT>(row, a.tensor_step[tensor], a.globals);
       __syncthreads();
-      const Coeffs<OPT> c = shared_coeffs;
+      return shared_coeffs;
+    };
+    if (!found_inf) {
+      float g[kPerThread];
+      Coeffs<OPT> c;
+      if (slots.full) {
+        // Every array's 16-byte loads are issued before any of them is converted (see
+        // Slots::load_raw): one DRAM round trip per block, also for 2-byte storage types.
+        RawSlots<T> raw_p, raw_g;
+        RawSlots<float> raw_m, raw_v;
+        slots.load_raw(param, raw_p);
+        slots.load_raw(static_cast<const T*>(a.grad), raw_g);
+        if (uses_moment1) slots.load_raw(a.moment1, raw_m);
+        if constexpr (kAdam) slots.load_raw(a.moment2, raw_v);
+        c = block_coeffs();
+        slots.unpack(raw_p, p);
+        slots.unpack(raw_g, g);
+        if (uses_moment1) slots.unpack(raw_m, m);
+        if constexpr (kAdam) slots.unpack(raw_v, v);
+      } else {
+        slots.load_tail(param, p);
+        slots.load_tail(static_cast<const T*>(a.grad), g);
+        if (uses_moment1) slots.load_tail(a.moment1, m);
+        if constexpr (kAdam) slots.load_tail(a.moment2, v);
+        c = block_coeffs();
+      }
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i)
         if (slots.valid(i)) step_element<OPT, T, STATS>(c, p[i], g[i], m[i], v[i], stats);
@@ -215,13 +235,12 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
       if constexpr (kAdam) slots.store(a.moment2, v);
     } else if constexpr (STATS) {
       // The state a skipped step reports: Adam needs v (v-hat), SGD its buffer.
+      slots.load(param, p);
       if constexpr (kAdam)
         slots.load(a.moment2, v);
       else
         slots.load(a.moment1, m);
-      if (threadIdx.x == 0) shared_coeffs = make_coeffs<OPT>(row, a.tensor_step[tensor], a.globals);
-      __syncthreads();
-      const Coeffs<OPT> c = shared_coeffs;
+      const Coeffs<OPT> c = block_coeffs();
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i)
         if (slots.valid(i)) observe_element<OPT>(c, p[i], kAdam ? v[i] : m[i], stats);
