@@ -5,7 +5,6 @@ Bytes: reads the gradient once (4 B/elem fp32, 2 B/elem bf16/fp16), writes 8 B p
 Unscaling multiplies by 1/scale as torch.amp.GradScaler.unscale_ does, so the norm is the
 norm of exactly the values the update kernel will use.
 """
-import torch
 import triton
 import triton.language as tl
 

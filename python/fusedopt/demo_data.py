@@ -10,7 +10,6 @@ seeded `random.Random`, so the corpus is identical on every machine and Python v
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +115,3 @@ class Batches:
         offsets = torch.arange(self.context + 1)
         windows = self.tokens[starts[:, None] + offsets]
         return windows[:, :-1], windows[:, 1:]
-
-
-def nats_to_bits(nats: float) -> float:
-    return nats / math.log(2)

@@ -60,7 +60,7 @@ class _Shard:
         # Blocks of this shard holding real layout (the last ranks may hold padding only).
         self.real_blocks = max(0, min(self.blocks, buf.num_blocks - self.first_block))
         self.start = self.first_block * BLOCK
-        size, real = self.blocks * BLOCK, self.real_blocks * BLOCK
+        size = self.blocks * BLOCK
         device, dtype = buf.device, buf.dtype
         moment_dtype = next(iter(buf.moments.values())).dtype if buf.moments else torch.float32
         self.moments = {name: torch.zeros(size, dtype=moment_dtype, device=device)

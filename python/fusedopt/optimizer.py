@@ -70,7 +70,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.collect_stats = stats
         self._devices = {}
-        self._skipped_steps_base = 0
         super().__init__(params, defaults)
         self._build_layout()
 
