@@ -103,7 +103,7 @@ build() {
 
 gpu_tests() {
     local t
-    t=$(cap "${TESTS_CAP_S:-150}" $((BENCH_FLOOR + NCU_RESERVE)))
+    t=$(cap "${TESTS_CAP_S:-240}" $((BENCH_FLOOR + NCU_RESERVE)))
     no_time "$t" "tests" && return
     say "tests: pytest -x -m 'gpu or not slow' tests/, limit ${t}s"
     # SIGINT at the limit: pytest then reports the test it was in and the summary so far.
