@@ -13,12 +13,11 @@ import torch
 BACKENDS = ("auto", "reference", "triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# backend="auto" on CUDA tensors tries these in order, by the measurements in
-# bench/results/step_nvidia-h100-80gb-hbm3.md (H100, full step): with fp32 params the CUDA
-# backend is as fast or faster (1.1B: 11.59 vs 11.67 ms; 1200 tensors: 1.04 vs 1.09 ms); with
-# bf16 params Triton is faster (1.1B: 9.65 vs 10.87 ms; GPT-2: 1.14 vs 1.26 ms). fp16 takes the
-# bf16 order: the same 2-byte storage path, not benchmarked separately.
-AUTO_GPU_ORDER = {"fp32": ("cuda", "triton"), "half": ("triton", "cuda")}
+# backend="auto" on CUDA tensors tries these in order. The CUDA backend comes first: in
+# bench/results/step_h100_final.md (H100, full step) it is within 1% of Triton or faster at every
+# shape and dtype (1.1B fp32: 11.60 vs 11.67 ms; 1.1B bf16: 9.15 vs 9.66 ms; GPT-2 bf16: 1.07 vs
+# 1.14 ms); Triton runs where the extension is not built.
+AUTO_GPU_ORDER = ("cuda", "triton")
 
 
 def triton_interpreted() -> bool:
@@ -43,8 +42,7 @@ def resolve(name: str, device: torch.device, dtypes) -> str:
     if name == "auto":
         if device.type != "cuda":
             return "reference"
-        half = all(dtype in (torch.bfloat16, torch.float16) for dtype in dtypes)
-        for candidate in AUTO_GPU_ORDER["half" if half else "fp32"]:
+        for candidate in AUTO_GPU_ORDER:
             if available(candidate):
                 name = candidate
                 break
