@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from fusedopt import backends, flat
 from fusedopt.flat import BLOCK
-from fusedopt.optimizer import FusedOptimizer, _ScaleInputs
+from fusedopt.optimizer import FusedOptimizer
 from fusedopt.reference import (adam_reference, clip_coefficient, decay_multiplier,
                                 sgd_reference)
 
@@ -203,18 +203,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        scaling = _ScaleInputs.from_optimizer(self)
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             raise RuntimeError("optimizer: torch.amp.GradScaler decides inf skips and scale "
                                "updates from this rank's gradients only, so ranks would diverge; "
                                "use fusedopt.GradScaler")
-        ds = self.ds
-        self.inner._gather_grads(ds)
-        self.inner._upload_hyper(ds)
+        loss, scaling = self.inner._prepare_step(closure, owner=self)
         # Mean over ranks, as DDP computes it.
         for shard in self.shards:
             _reduce_scatter(shard.grad, shard.buf.grad, op=dist.ReduceOp.AVG, group=self.group)

@@ -248,14 +248,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        scaling = _ScaleInputs.from_optimizer(self)
-        for ds in self._devices.values():
-            self._gather_grads(ds)
-            self._upload_hyper(ds)
+        loss, scaling = self._prepare_step(closure)
         kernel_devices = [ds for ds in self._devices.values() if ds.backend != "reference"]
         if kernel_devices:
             self._kernel_step(kernel_devices, scaling)
@@ -266,6 +259,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                                    "with a kernel backend across devices")
             self._reference_step(reference_devices, scaling)
         return loss
+
+    def _prepare_step(self, closure, owner=None):
+        """Everything before the first kernel: run the closure, read the loss scaler (set on
+        `owner`, the optimizer the user steps, e.g. a ShardedOptimizer wrapping this one) and
+        make the gradients and hyperparameters of every device ready."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scaling = _ScaleInputs.from_optimizer(owner or self)
+        for ds in self._devices.values():
+            self._gather_grads(ds)
+            self._upload_hyper(ds)
+        return loss, scaling
 
     def _kernel_step(self, devices, scaling):
         if scaling.scaler is not None and scaling.scale.device not in self._devices:
