@@ -15,10 +15,12 @@ import importlib
 
 import torch
 
-BLOCK = 4096
-NUM_GLOBALS = 8
-NUM_HYPER = 10
-STAT_COLUMNS = {"adam": 6, "sgd": 3}
+from fusedopt import flat
+from fusedopt.flat import BLOCK
+
+NUM_GLOBALS = flat.GLOBAL_SLOTS
+NUM_HYPER = flat.HYPER_COLUMNS
+STAT_COLUMNS = {"adam": len(flat.ADAM_STAT_COLUMNS), "sgd": len(flat.SGD_STAT_COLUMNS)}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Storage dtype codes of csrc/launchers.h (fusedopt::Dtype).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
