@@ -485,35 +485,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._load_full(state_dict)
         self.ds.uploaded_hyper = None
 
-    def _load_groups(self, groups):
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict: {len(groups)} param groups, the optimizer has "
-                             f"{len(self.param_groups)}")
-        for gi, (group, saved) in enumerate(zip(self.param_groups, groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict: group {gi} has {len(saved['params'])} params, "
-                                 f"the optimizer's has {len(group['params'])}")
-            self.inner._check_foreign_group(saved)
-            for key, value in saved.items():
-                if key in group and key not in ("params", "param_names"):
-                    group[key] = value.clone() if torch.is_tensor(value) else value
-            self.inner._validate_group(group)
-
     @torch.no_grad()
     def _load_full(self, state_dict):
         inner = self.inner
-        groups = state_dict["param_groups"]
-        self._load_groups(groups)
-        saved_index = {(gi, i): index for gi, saved in enumerate(groups)
-                       for i, index in enumerate(saved["params"])}
-        position_of = {p: (gi, i) for gi, g in enumerate(self.param_groups)
-                       for i, p in enumerate(g["params"])}
+        inner._load_groups(state_dict["param_groups"])
         shard_of = {id(s.buf): s for s in self.shards}
         steps = []
-        for ds, buf, i, position, p in inner._slots():
-            entry = state_dict["state"].get(saved_index[position_of[p]], {})
-            has_moments = any(entry.get(name) is not None for name in inner.MOMENTS)
-            steps.append(float(entry.get("step", 1 if has_moments else 0)))
+        for ds, buf, i, position, p, entry, step in inner._saved_entries(state_dict):
+            steps.append(step)
             shard = shard_of[id(buf)]
             start, numel = buf.starts[i], p.numel()
             lo = max(start, shard.start)
@@ -539,7 +518,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if meta["kind"] != self.inner.KIND or [list(x) for x in meta["layout"]] != layout:
             raise ValueError(f"state_dict: saved for a {meta['kind']} optimizer over buffers "
                              f"{meta['layout']}, this one is {self.inner.KIND} over {layout}")
-        self._load_groups(state_dict["param_groups"])
+        self.inner._load_groups(state_dict["param_groups"])
         for bi, shard in enumerate(self.shards):
             for name in self.inner.MOMENTS:
                 local = state_dict[f"buffer{bi}.{name}"].to_local()

@@ -386,32 +386,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Load a fusedopt or torch.optim state_dict (same optimizer family, same groups)."""
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict: {len(groups)} param groups, the optimizer has "
-                             f"{len(self.param_groups)}")
-        for gi, (group, saved) in enumerate(zip(self.param_groups, groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict: group {gi} has {len(saved['params'])} params, "
-                                 f"the optimizer's has {len(group['params'])}")
-            self._check_foreign_group(saved)
-            for key, value in saved.items():
-                if key in group and key not in ("params", "param_names"):
-                    group[key] = value.clone() if torch.is_tensor(value) else value
-            self._validate_group(group)
-        saved_index = {}
-        for gi, saved in enumerate(groups):
-            for i, index in enumerate(saved["params"]):
-                saved_index[(gi, i)] = index
-        position_of = {p: (gi, i) for gi, g in enumerate(self.param_groups)
-                       for i, p in enumerate(g["params"])}
+        self._load_groups(state_dict["param_groups"])
         with torch.no_grad():
-            for ds, buf, i, position, p in self._slots():
-                entry = state_dict["state"].get(saved_index[position_of[p]], {})
-                # torch.optim.SGD keeps no step count; a saved momentum buffer means at least
-                # one step was taken, which is all SGD's first-step rule needs to know.
-                has_moments = any(entry.get(name) is not None for name in self.MOMENTS)
-                ds.tensor_step[position] = float(entry.get("step", 1 if has_moments else 0))
+            for ds, buf, i, position, p, entry, step in self._saved_entries(state_dict):
+                ds.tensor_step[position] = step
                 for name in self.MOMENTS:
                     value = entry.get(name)
                     target = buf.view(buf.moments[name], i)
@@ -424,6 +402,35 @@ class FusedOptimizer(torch.optim.Optimizer):
                         target.copy_(value)
         for ds in self._devices.values():
             ds.uploaded_hyper = None
+
+    def _load_groups(self, groups):
+        """Check a saved state_dict's groups against ours and take their hyperparameters."""
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: {len(groups)} param groups, the optimizer has "
+                             f"{len(self.param_groups)}")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict: group {gi} has {len(saved['params'])} params, "
+                                 f"the optimizer's has {len(group['params'])}")
+            self._check_foreign_group(saved)
+            for key, value in saved.items():
+                if key in group and key not in ("params", "param_names"):
+                    group[key] = value.clone() if torch.is_tensor(value) else value
+            self._validate_group(group)
+
+    def _saved_entries(self, state_dict):
+        """(device state, buffer, index in buffer, device-local index, param, saved per-param
+        state, step count) for every param, matched to the saved state by group position."""
+        saved_index = {(gi, i): index for gi, saved in enumerate(state_dict["param_groups"])
+                       for i, index in enumerate(saved["params"])}
+        position_of = {p: (gi, i) for gi, g in enumerate(self.param_groups)
+                       for i, p in enumerate(g["params"])}
+        for ds, buf, i, position, p in self._slots():
+            entry = state_dict["state"].get(saved_index[position_of[p]], {})
+            # torch.optim.SGD keeps no step count; a saved momentum buffer means at least one
+            # step was taken, which is all SGD's first-step rule needs to know.
+            has_moments = any(entry.get(name) is not None for name in self.MOMENTS)
+            yield ds, buf, i, position, p, entry, float(entry.get("step", 1 if has_moments else 0))
 
     def _check_foreign_group(self, saved):
         """torch.optim groups carry options fusedopt does not implement: refuse the ones set."""
