@@ -27,14 +27,7 @@ BUDGET=${SUITE_BUDGET_S:-540}
 BENCH_FLOOR=150
 START=$SECONDS
 
-elapsed() { echo $((SECONDS - START)); }
-cap() {
-    local want=$1 left=$((BUDGET - (SECONDS - START) - $2))
-    ((left < want)) && want=$left
-    ((want < 0)) && want=0
-    echo "$want"
-}
-say() { printf '\n=== [%3ss] %s\n' "$(elapsed)" "$*"; }
+source bench/suite_time.sh
 
 versions() {
     say "versions"

@@ -33,15 +33,7 @@ BENCH_FLOOR=180
 NCU_RESERVE=0
 [[ -n ${NCU:-} ]] && NCU_RESERVE=${NCU_CAP_S:-120}
 
-elapsed() { echo $((SECONDS - START)); }
-# cap WANT RESERVE: WANT seconds, or less so that RESERVE seconds stay for what follows.
-cap() {
-    local want=$1 left=$((BUDGET - (SECONDS - START) - $2))
-    ((left < want)) && want=$left
-    ((want < 0)) && want=0
-    echo "$want"
-}
-say() { printf '\n=== [%3ss] %s\n' "$(elapsed)" "$*"; }
+source bench/suite_time.sh
 # timeout 0 would mean no limit at all: a step whose cap came out 0 does not run.
 no_time() { (($1 > 0)) && return 1; say "$2 skipped: no time left in the ${BUDGET}s budget"; }
 
