@@ -427,28 +427,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     full[bi, name] = torch.cat(parts).cpu()
         if not mine:
             return None
-        index_of = {p: index for index, _, _, p in inner._ordered_params()}
-        steps = self.ds.tensor_step.tolist()
         buffer_index = {id(s.buf): bi for bi, s in enumerate(self.shards)}
-        state = {}
-        for ds, buf, i, position, p in inner._slots():
-            if steps[position] == 0:
-                continue
-            entry = {"step": torch.tensor(steps[position], dtype=torch.float32)}
-            for name in inner.MOMENTS:
-                values = full[buffer_index[id(buf)], name]
-                entry[name] = values[buf.starts[i]:buf.starts[i] + p.numel()].view(p.shape).clone()
-            state[index_of[p]] = entry
-        return {"state": state, "param_groups": self._saved_groups(index_of)}
 
-    def _saved_groups(self, index_of):
-        groups = []
-        for group in self.param_groups:
-            saved = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in group.items()
-                     if k != "params"}
-            saved["params"] = [index_of[p] for p in group["params"]]
-            groups.append(saved)
-        return groups
+        def gathered(buf, i, name):
+            values = full[buffer_index[id(buf)], name]
+            p = buf.params[i]
+            return values[buf.starts[i]:buf.starts[i] + p.numel()].view(p.shape)
+
+        return inner._state_dict_from(gathered)
 
     def sharded_state_dict(self):
         """The state as torch.distributed.checkpoint saves and loads it, resharding on load.
@@ -466,7 +452,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         out = {SHARDED_KEY: {"kind": self.inner.KIND,
                              "layout": [[str(s.buf.dtype), s.buf.num_blocks] for s in self.shards]},
                "tensor_step": self.ds.tensor_step.clone(),
-               "param_groups": self._saved_groups(index_of)}
+               "param_groups": self.inner._saved_groups(index_of)}
         for bi, shard in enumerate(self.shards):
             for name in self.inner.MOMENTS:
                 local = shard.real(shard.moments[name]).view(shard.real_blocks, BLOCK)

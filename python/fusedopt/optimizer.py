@@ -365,6 +365,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self):
         """torch.optim's format: per-param step (a CPU float32 tensor) and moments (copies)."""
+        return self._state_dict_from(lambda buf, i, name: buf.view(buf.moments[name], i))
+
+    def _state_dict_from(self, moment_of):
+        """torch.optim's format with each param's moments from moment_of(buffer, index, name)
+        (a view into this optimizer's flat moments, or a gathered copy for ShardedOptimizer)."""
         index_of = {p: index for index, _, _, p in self._ordered_params()}
         steps = {device: ds.tensor_step.tolist() for device, ds in self._devices.items()}
         state = {}
@@ -374,15 +379,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             entry = {"step": torch.tensor(step, dtype=torch.float32)}
             for name in self.MOMENTS:
-                entry[name] = buf.view(buf.moments[name], i).clone()
+                entry[name] = moment_of(buf, i, name).clone()
             state[index_of[p]] = entry
+        return {"state": state, "param_groups": self._saved_groups(index_of)}
+
+    def _saved_groups(self, index_of):
+        """The param groups as torch.optim saves them: hyperparameters and param indices."""
         groups = []
         for group in self.param_groups:
             saved = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in group.items()
                      if k != "params"}
             saved["params"] = [index_of[p] for p in group["params"]]
             groups.append(saved)
-        return {"state": state, "param_groups": groups}
+        return groups
 
     def load_state_dict(self, state_dict):
         """Load a fusedopt or torch.optim state_dict (same optimizer family, same groups)."""
