@@ -93,9 +93,10 @@ class CMakeBuild(build_ext):
 
 setup(
     name="fusedopt",
-    version="0.1.0",
-    description="Fused GPU optimizer steps (AdamW/AdamC, SGD/SGDC) with loss scaling, clipping and statistics",
-    packages=["fusedopt", "fusedopt.triton_kernels"],
+    version="0.2.0",
+    description="Fused GPU optimizer steps (AdamW/AdamC, SGD/SGDC, Lion/LionC) with loss scaling, clipping and statistics",
+    packages=["fusedopt", "fusedopt.algorithms", "fusedopt.engine", "fusedopt.triton_kernels",
+              "fusedopt.triton_kernels.algorithms"],
     package_dir={"fusedopt": "python/fusedopt", "fusedopt.triton_kernels": "triton_kernels"},
     ext_modules=[CMakeExtension("fusedopt._C")],
     cmdclass={"build_ext": CMakeBuild},

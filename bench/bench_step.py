@@ -275,7 +275,7 @@ def fusedopt_status() -> dict:
     except Exception as e:  # any import failure means the same thing here: no fusedopt rows
         return {"fusedopt": f"not importable: {type(e).__name__}: {e}", "cuda_ext": "fusedopt not importable"}
     try:
-        from fusedopt import backends
+        from fusedopt.engine import backends
         built = backends.available("cuda")
         why = "backends.available('cuda') is False"
     except Exception as e:  # the CUDA backend module itself may not exist yet

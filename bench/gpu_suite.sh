@@ -8,17 +8,23 @@
 # device allows 600 s per command and kills the pipeline at the limit):
 #   1. versions: nvidia-smi, python/torch/triton, nvcc, ncu, cmake, ninja        -> suite.log
 #   2. build fusedopt._C in place without network (pip install -e .); on failure
-#      install the Python package alone and go on with the Triton backend          -> build.log
-#   3. GPU tests: pytest -x -m "gpu or not slow" tests/                              -> tests.log
+#      install the Python package alone and go on with the Triton backend          -> build_tests.log
+#   3. GPU tests: pytest -x -m "gpu or not slow" tests/                              -> build_tests.log
 #   4. pytest-benchmark microbenchmarks, bench/test_bench_step.py                    -> microbench.json
-#   5. the step benchmark, bench/bench_step.py (writes after every row, so a cut
+#   5. the end-to-end benchmark, bench/bench_e2e.py: whole training iterations of
+#      llama_1b and gpt2_124m, torch vs fusedopt pipelines (writes after every
+#      pipeline)                                                                      -> e2e_<device>.json, .md
+#   6. the step benchmark, bench/bench_step.py (writes after every row, so a cut
 #      leaves the rows so far)                                                        -> <name>.json, .md
-#   6. NCU=1 only: Nsight Compute DRAM bytes and % of peak of every kernel of two
+#   7. NCU=1 only: Nsight Compute DRAM bytes and % of peak of every kernel of two
 #      fused steps (Triton, then CUDA), llama_1b fp32                                -> ncu.txt
-# Seven files at most come back in $OUT (the device returns eight).
+# Eight files at most come back in $OUT, as many as the device returns: hence one log for the
+# build and the tests (their tails are in suite.log too).
 #
-# Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, TESTS_CAP_S, MICRO_CAP_S, NCU_CAP_S,
-# SKIP_BUILD=1 (no CUDA build; installs the Python package only if needed), SKIP_TESTS=1, SKIP_MICRO=1, NCU=1, NCU_SHAPE, NAME (results stem),
+# Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, TESTS_CAP_S, MICRO_CAP_S, E2E_CAP_S, NCU_CAP_S,
+# SKIP_BUILD=1 (no CUDA build; installs the Python package only if needed), SKIP_TESTS=1, SKIP_MICRO=1,
+# SKIP_E2E=1, E2E_ARGS (extra bench_e2e.py arguments, e.g. "--models gpt2_124m"), NCU=1, NCU_SHAPE,
+# NAME (results stem),
 # BENCH_ARGS (extra bench_step.py arguments, e.g. "--shapes llama_1b --dtypes fp32"),
 # GIT_COMMIT (recorded in the results; the device's copy of the tree has no .git).
 set -u -o pipefail
@@ -30,8 +36,15 @@ export PYTHONUNBUFFERED=1
 BUDGET=${SUITE_BUDGET_S:-500}
 # Least time each later step needs, held back from the earlier ones (seconds).
 BENCH_FLOOR=180
+# The e2e step's floor: on an H100 (fusedopt on Triton) all 14 rows took 75 s including ~10 s of
+# imports; the first row 16 s (CUDA and cuBLAS start-up), llama_1b rows 3-8 s, gpt2_124m 2-4 s.
+# Each row records its wall_s.
+E2E_FLOOR=90
+E2E_RESERVE=0
+[[ -z ${SKIP_E2E:-} ]] && E2E_RESERVE=$E2E_FLOOR
 NCU_RESERVE=0
 [[ -n ${NCU:-} ]] && NCU_RESERVE=${NCU_CAP_S:-120}
+LOG="$OUT/build_tests.log"
 
 source bench/suite_time.sh
 # timeout 0 would mean no limit at all: a step whose cap came out 0 does not run.
@@ -63,59 +76,77 @@ EOF
 }
 
 cuda_backend_built() {
-    python3 -c "import sys; from fusedopt import backends; sys.exit(0 if backends.available('cuda') else 1)" 2>/dev/null
+    python3 -c "import sys; from fusedopt.engine import backends; sys.exit(0 if backends.available('cuda') else 1)" 2>/dev/null
 }
 
 ensure_importable() {
     python3 -c "import fusedopt.triton_kernels" 2>/dev/null && return
     echo "fusedopt not importable: installing the Python package alone (FUSEDOPT_SKIP_CUDA_BUILD=1)"
     FUSEDOPT_SKIP_CUDA_BUILD=1 timeout -k 10 120 \
-        python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$OUT/build.log" 2>&1
+        python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$LOG" 2>&1
     python3 -c "import fusedopt.triton_kernels" || echo "fusedopt still not importable: its rows will be skipped"
 }
 
 build() {
     local t
-    t=$(cap "${BUILD_CAP_S:-240}" $((BENCH_FLOOR + NCU_RESERVE + 60)))
+    t=$(cap "${BUILD_CAP_S:-240}" $((BENCH_FLOOR + E2E_RESERVE + NCU_RESERVE + 60)))
     no_time "$t" "build" && return
     say "build fusedopt (CUDA extension for sm_${FUSEDOPT_CUDA_ARCHS:-90}), limit ${t}s"
     # sm_90 only: the H100 needs no other architecture, and one target halves the nvcc time.
+    echo "=== build" >>"$LOG"
     FUSEDOPT_CUDA_ARCHS=${FUSEDOPT_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
         timeout -k 10 "$t" python3 -m pip install --no-build-isolation --no-deps --no-index -e . \
-        >"$OUT/build.log" 2>&1
+        >>"$LOG" 2>&1
     local rc=$?
-    tail -n 12 "$OUT/build.log"
+    tail -n 12 "$LOG"
     if cuda_backend_built; then
         echo "CUDA backend: built (pip exit $rc)"
         return
     fi
-    echo "CUDA backend: NOT available (pip exit $rc, see build.log); continuing with the Triton backend"
+    echo "CUDA backend: NOT available (pip exit $rc, see build_tests.log); continuing with the Triton backend"
     ensure_importable
 }
 
 gpu_tests() {
     local t
-    t=$(cap "${TESTS_CAP_S:-240}" $((BENCH_FLOOR + NCU_RESERVE)))
+    t=$(cap "${TESTS_CAP_S:-240}" $((BENCH_FLOOR + E2E_RESERVE + NCU_RESERVE)))
     no_time "$t" "tests" && return
     say "tests: pytest -x -m 'gpu or not slow' tests/, limit ${t}s"
     # SIGINT at the limit: pytest then reports the test it was in and the summary so far.
+    echo "=== tests" >>"$LOG"
     timeout -s INT -k 15 "$t" python3 -m pytest -x -q -p no:cacheprovider -m "gpu or not slow" \
-        --durations=15 tests/ >"$OUT/tests.log" 2>&1
+        --durations=15 tests/ >>"$LOG" 2>&1
     local rc=$?
-    tail -n 25 "$OUT/tests.log"
+    tail -n 25 "$LOG"
     ((rc == 124 || rc == 137 || rc == 2)) && echo "tests: exit $rc; 124/137/2 can mean cut at the ${t}s limit"
     echo "tests: exit $rc"
 }
 
 microbench() {
     local t
-    t=$(cap "${MICRO_CAP_S:-60}" $((BENCH_FLOOR + NCU_RESERVE)))
+    t=$(cap "${MICRO_CAP_S:-60}" $((BENCH_FLOOR + E2E_RESERVE + NCU_RESERVE)))
     no_time "$t" "microbenchmarks" && return
     say "pytest-benchmark microbenchmarks, limit ${t}s"
     timeout -k 10 "$t" python3 -m pytest -q -p no:cacheprovider bench/test_bench_step.py \
         --benchmark-json="$OUT/microbench.json" --benchmark-columns=min,median,max,rounds \
         --benchmark-sort=name 2>&1 | tail -n 30
     echo "microbenchmarks: exit ${PIPESTATUS[0]}"
+}
+
+e2e_bench() {
+    local t budget
+    t=$(cap "${E2E_CAP_S:-240}" $((BENCH_FLOOR + NCU_RESERVE)))
+    no_time "$t" "e2e benchmark" && return
+    # As in step_bench: stop starting pipelines 15 s before the hard limit.
+    budget=$((t > 20 ? t - 15 : 5))
+    say "e2e benchmark: training iterations of llama_1b and gpt2_124m, limit ${t}s"
+    # Results stem e2e_<device> (bench_e2e.py's default name).
+    # shellcheck disable=SC2086  # E2E_ARGS is a list of arguments
+    timeout -k 10 "$t" python3 bench/bench_e2e.py --models llama_1b,gpt2_124m --iters 20 --warmup 3 \
+        --out "$OUT" --time-budget-s "$budget" ${E2E_ARGS:-}
+    local rc=$?
+    ((rc == 124 || rc == 137)) && echo "e2e benchmark: cut at the ${t}s limit; the tables hold the rows so far"
+    echo "e2e benchmark: exit $rc"
 }
 
 step_bench() {
@@ -151,6 +182,7 @@ ncu_profile() {
 
 main() {
     START=$SECONDS
+    rm -f "$LOG"  # the build and the tests append to it
     say "fusedopt GPU suite: budget ${BUDGET}s, results in $OUT"
     versions
     if [[ -z ${SKIP_BUILD:-} ]]; then
@@ -161,9 +193,10 @@ main() {
     fi
     [[ -z ${SKIP_TESTS:-} ]] && gpu_tests
     [[ -z ${SKIP_MICRO:-} ]] && microbench
+    [[ -z ${SKIP_E2E:-} ]] && e2e_bench
     step_bench
     [[ -n ${NCU:-} ]] && ncu_profile
-    say "done in $(elapsed)s; the step benchmark's table (also in $OUT):"
+    say "done in $(elapsed)s; the benchmarks' tables (also in $OUT):"
     for md in "$OUT"/*.md; do
         [[ -f $md ]] && cat "$md"
     done

@@ -1,4 +1,4 @@
-# Time-box helpers shared by bench/gpu_suite.sh and bench/distributed_suite.sh (sourced).
+# Time-box helpers for bench/gpu_suite.sh (sourced).
 # The caller sets BUDGET (seconds for the whole suite) and START=$SECONDS first.
 
 elapsed() { echo $((SECONDS - START)); }

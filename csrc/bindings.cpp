@@ -77,21 +77,24 @@ class DeviceGuard {
 
 cudaStream_t stream_of(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
-void grad_norm(uintptr_t grad, int dtype, int64_t num_blocks, uintptr_t block_tensor, uintptr_t tensor_end,
-               uintptr_t tensor_group, uintptr_t scale, uintptr_t block_sums, int64_t block_sums_stride, int device,
-               uintptr_t stream) {
+void grad_norm(int dtype, uintptr_t block_tensor, int64_t num_blocks, uintptr_t tensor_table, int64_t num_tensors,
+               uintptr_t scale, uintptr_t block_sums, int64_t block_sums_stride, int device, uintptr_t stream) {
   const char* f = "grad_norm";
   const Dtype dt = dtype_of(f, dtype);
   require_count(f, "num_blocks", num_blocks, kMaxGridX);
-  const void* g = pointer<const void>(f, "grad", grad);
-  auto* bt = pointer<const int32_t>(f, "block_tensor", block_tensor);
-  auto* te = pointer<const int64_t>(f, "tensor_end", tensor_end);
-  auto* tg = pointer<const int32_t>(f, "tensor_group", tensor_group);
+  require_count(f, "num_tensors", num_tensors, INT32_MAX);
+  // block_tensor holds int32 indices; a segment with blocks indexes at least one tensor.
+  if (num_blocks > 0 && num_tensors == 0) fail(f, "num_tensors must be >= 1 when num_blocks > 0");
+  const bool empty = num_blocks == 0;
+  auto* bt = pointer<const int32_t>(f, "block_tensor", block_tensor, /*nullable=*/empty);
+  auto* table = pointer<const int64_t>(f, "tensor_table", tensor_table, /*nullable=*/empty);
   auto* sc = pointer<const float>(f, "scale", scale, /*nullable=*/true);
-  auto* out = pointer<float>(f, "block_sums", block_sums);
+  auto* out = pointer<float>(f, "block_sums", block_sums, /*nullable=*/empty);
   require_stride(f, "block_sums_stride", block_sums_stride, num_blocks);
+  // An empty segment launches nothing and needs no device.
+  if (empty) return;
   DeviceGuard guard(f, device);
-  fusedopt::launch_grad_norm(g, dt, num_blocks, bt, te, tg, sc, out, block_sums_stride, stream_of(stream));
+  fusedopt::launch_grad_norm(dt, bt, num_blocks, table, num_tensors, sc, out, block_sums_stride, stream_of(stream));
 }
 
 void tensor_reduce(uintptr_t block_values, int64_t values_stride, uintptr_t tensor_block_start, int64_t num_tensors,
@@ -121,20 +124,19 @@ void tensor_reduce(uintptr_t block_values, int64_t values_stride, uintptr_t tens
                                  stream_of(stream));
 }
 
-void finalize(uintptr_t tensor_sums, int64_t sums_stride, int64_t num_tensors_all, uintptr_t tensor_group,
-              uintptr_t tensor_step,
-              int64_t num_tensors_dev, uintptr_t globals, uintptr_t scale, uintptr_t growth_tracker,
-              uintptr_t found_inf_in, double max_grad_norm, double growth_factor, double backoff_factor,
-              int growth_interval, bool update_scale, int device, uintptr_t stream) {
+void finalize(uintptr_t tensor_sums, int64_t sums_stride, int64_t num_tensors_all, uintptr_t tensor_table,
+              uintptr_t tensor_step, int64_t num_tensors_dev, uintptr_t globals, uintptr_t scale,
+              uintptr_t growth_tracker, uintptr_t found_inf_in, double max_grad_norm, double growth_factor,
+              double backoff_factor, int growth_interval, bool update_scale, int device, uintptr_t stream) {
   const char* f = "finalize";
   require_count(f, "num_tensors_all", num_tensors_all, INT64_MAX / 2);
-  require_count(f, "num_tensors_dev", num_tensors_dev, INT64_MAX / 2);
+  require_count(f, "num_tensors_dev", num_tensors_dev, INT64_MAX / fusedopt::kTableRows);
   fusedopt::FinalizeArgs a{};
   a.tensor_sums = pointer<const float>(f, "tensor_sums", tensor_sums, /*nullable=*/num_tensors_all == 0);
   require_stride(f, "sums_stride", sums_stride, num_tensors_all);
   a.sums_stride = sums_stride;
   a.num_tensors_all = num_tensors_all;
-  a.tensor_group = pointer<const int32_t>(f, "tensor_group", tensor_group, /*nullable=*/num_tensors_dev == 0);
+  a.tensor_table = pointer<const int64_t>(f, "tensor_table", tensor_table, /*nullable=*/num_tensors_dev == 0);
   a.tensor_step = pointer<float>(f, "tensor_step", tensor_step, /*nullable=*/num_tensors_dev == 0);
   a.num_tensors_dev = num_tensors_dev;
   a.globals = pointer<float>(f, "globals", globals);
@@ -152,39 +154,103 @@ void finalize(uintptr_t tensor_sums, int64_t sums_stride, int64_t num_tensors_al
   fusedopt::launch_finalize(a, stream_of(stream));
 }
 
-void update(const std::string& optimizer, uintptr_t param, uintptr_t grad, int dtype, uintptr_t moment1,
-            uintptr_t moment2, int64_t num_blocks, uintptr_t block_tensor, uintptr_t tensor_end,
-            uintptr_t tensor_group, uintptr_t tensor_step, uintptr_t hyper, uintptr_t globals,
-            uintptr_t stats_partials, int64_t stats_stride, int device, uintptr_t stream) {
+const fusedopt::AlgorithmSchema& algorithm_of(const char* function, const std::string& name) {
+  std::string known;
+  for (const auto& schema : fusedopt::algorithm_schemas()) {
+    if (schema.name == name) return schema;
+    known += (known.empty() ? "'" : ", '") + schema.name + "'";
+  }
+  fail(function, "algorithm must be one of " + known + ", got '" + name + "'");
+}
+
+void update(const std::string& algorithm, int dtype, uintptr_t block_tensor, int64_t num_blocks,
+            uintptr_t tensor_table, int64_t num_tensors, uintptr_t state1, uintptr_t state2, uintptr_t tensor_step,
+            uintptr_t hyper, uintptr_t globals, uintptr_t stats_partials, int64_t stats_stride, int device,
+            uintptr_t stream) {
   const char* f = "update";
-  fusedopt::Optimizer opt;
-  if (optimizer == "adam")
-    opt = fusedopt::Optimizer::kAdam;
-  else if (optimizer == "sgd")
-    opt = fusedopt::Optimizer::kSgd;
-  else
-    fail(f, "optimizer must be 'adam' or 'sgd', got '" + optimizer + "'");
+  const fusedopt::AlgorithmSchema& alg = algorithm_of(f, algorithm);
   const Dtype dt = dtype_of(f, dtype);
   require_count(f, "num_blocks", num_blocks, kMaxGridX);
+  require_count(f, "num_tensors", num_tensors, INT32_MAX);
+  if (num_blocks > 0 && num_tensors == 0) fail(f, "num_tensors must be >= 1 when num_blocks > 0");
+  const bool empty = num_blocks == 0;
   fusedopt::UpdateArgs a{};
-  a.param = pointer<void>(f, "param", param);
-  a.grad = pointer<const void>(f, "grad", grad);
-  a.moment1 = pointer<float>(f, "moment1", moment1);
-  const bool adam = opt == fusedopt::Optimizer::kAdam;
-  a.moment2 = pointer<float>(f, "moment2", moment2, /*nullable=*/!adam);
-  if (!adam && a.moment2 != nullptr) fail(f, "moment2 must be null (0) for sgd");
+  a.block_tensor = pointer<const int32_t>(f, "block_tensor", block_tensor, /*nullable=*/empty);
   a.num_blocks = num_blocks;
-  a.block_tensor = pointer<const int32_t>(f, "block_tensor", block_tensor);
-  a.tensor_end = pointer<const int64_t>(f, "tensor_end", tensor_end);
-  a.tensor_group = pointer<const int32_t>(f, "tensor_group", tensor_group);
-  a.tensor_step = pointer<const float>(f, "tensor_step", tensor_step);
-  a.hyper = pointer<const float>(f, "hyper", hyper);
+  a.tensor_table = pointer<const int64_t>(f, "tensor_table", tensor_table, /*nullable=*/empty);
+  a.num_tensors = num_tensors;
+  a.state1 = pointer<float>(f, "state1", state1, /*nullable=*/empty);
+  a.state2 = pointer<float>(f, "state2", state2, /*nullable=*/empty || alg.states < 2);
+  if (alg.states < 2 && a.state2 != nullptr)
+    fail(f, "state2 must be null (0) for " + alg.name + " (one state buffer)");
+  a.tensor_step = pointer<const float>(f, "tensor_step", tensor_step, /*nullable=*/empty);
+  a.hyper = pointer<const float>(f, "hyper", hyper, /*nullable=*/empty);
   a.globals = pointer<const float>(f, "globals", globals);
   a.stats_partials = pointer<float>(f, "stats_partials", stats_partials, /*nullable=*/true);
   if (a.stats_partials != nullptr) require_stride(f, "stats_stride", stats_stride, num_blocks);
   a.stats_stride = stats_stride;
+  if (empty) return;
   DeviceGuard guard(f, device);
-  fusedopt::launch_update(opt, dt, a, stream_of(stream));
+  fusedopt::launch_update(alg.code, dt, a, stream_of(stream));
+}
+
+// The schema numbers (layout.h and the algorithm structs) under the names of
+// python/fusedopt/engine/layout.py, for tests/test_schema.py.
+py::dict schema() {
+  namespace fo = fusedopt;
+  const auto ops_list = [](const std::vector<fo::Reduce>& ops) {
+    py::list out;
+    for (const fo::Reduce op : ops) out.append(int(op));
+    return out;
+  };
+  py::dict table_rows;
+  table_rows["param_addr"] = int(fo::kParamAddr);
+  table_rows["grad_addr"] = int(fo::kGradAddr);
+  table_rows["group"] = int(fo::kGroup);
+  table_rows["numel"] = int(fo::kNumel);
+  table_rows["state_start"] = int(fo::kStateStart);
+  py::dict common_hyper;
+  common_hyper["lr"] = int(fo::kLr);
+  common_hyper["max_lr"] = int(fo::kMaxLr);
+  common_hyper["weight_decay"] = int(fo::kWeightDecay);
+  common_hyper["corrected"] = int(fo::kCorrected);
+  py::dict globals;
+  globals["grad_norm"] = int(fo::kGradNorm);
+  globals["clip_coef"] = int(fo::kClipCoef);
+  globals["found_inf"] = int(fo::kFoundInf);
+  globals["inv_scale"] = int(fo::kInvScale);
+  globals["skipped_steps"] = int(fo::kSkippedSteps);
+  globals["scale"] = int(fo::kScale);
+  py::dict ops;
+  ops["sum"] = int(fo::Reduce::kSum);
+  ops["min"] = int(fo::Reduce::kMin);
+  ops["max"] = int(fo::Reduce::kMax);
+  py::dict algorithms;
+  for (const auto& alg : fo::algorithm_schemas()) {
+    py::dict hyper;
+    for (const fo::HyperColumn& column : alg.hyper) hyper[column.name] = column.column;
+    py::dict entry;
+    entry["code"] = int(alg.code);
+    entry["hyper"] = hyper;
+    entry["states"] = alg.states;
+    entry["stats"] = int(alg.stat_ops.size());
+    entry["stat_ops"] = ops_list(alg.stat_ops);
+    algorithms[py::str(alg.name)] = entry;
+  }
+  py::dict out;
+  out["block"] = fo::kBlock;
+  out["table_rows"] = table_rows;
+  out["common_hyper"] = common_hyper;
+  out["first_algorithm_column"] = int(fo::kFirstAlgorithmColumn);
+  out["hyper_columns"] = int(fo::kNumHyper);
+  out["globals"] = globals;
+  out["global_slots"] = int(fo::kNumGlobals);
+  out["ops"] = ops;
+  out["grad_sum_ops"] = ops_list({fo::kGradSquaresOp, fo::kNonfiniteOp});
+  out["algorithms"] = algorithms;
+  out["max_stat_columns"] = fo::kMaxColumns;
+  out["max_states"] = fo::kMaxStates;
+  return out;
 }
 
 }  // namespace
@@ -193,27 +259,27 @@ PYBIND11_MODULE(_C, m) {
   m.doc() =
       "fusedopt CUDA kernels (docs/kernel_contract.md) over raw device pointers; use them through "
       "fusedopt.cuda_backend, which validates the tensors.";
-  m.attr("BLOCK") = fusedopt::kBlock;
-  m.attr("NUM_GLOBALS") = int(fusedopt::kNumGlobals);
-  m.attr("NUM_HYPER") = int(fusedopt::kNumHyper);
   // cudart is linked statically: this is the runtime the kernels run on, not torch's.
   m.attr("CUDART_VERSION") = CUDART_VERSION;
-  m.def("grad_norm", &grad_norm, "Launch 1: per-block sum of (grad/scale)^2 and non-finite flag.", py::arg("grad"),
-        py::arg("dtype"), py::arg("num_blocks"), py::arg("block_tensor"), py::arg("tensor_end"),
-        py::arg("tensor_group"), py::arg("scale"), py::arg("block_sums"), py::arg("block_sums_stride"), py::arg("device"),
-        py::arg("stream"));
+  m.def("schema", &schema,
+        "The schema numbers the kernels are compiled with (csrc/layout.h, csrc/algorithms/), under "
+        "fusedopt.engine.layout's names.");
+  m.def("grad_norm", &grad_norm, "Launch 1: per-block sum of (grad/scale)^2 and non-finite flag.", py::arg("dtype"),
+        py::arg("block_tensor"), py::arg("num_blocks"), py::arg("tensor_table"), py::arg("num_tensors"),
+        py::arg("scale"), py::arg("block_sums"), py::arg("block_sums_stride"), py::arg("device"), py::arg("stream"));
   m.def("tensor_reduce", &tensor_reduce, "Launch 2: fold per-block values per tensor (0 sum, 1 min, 2 max).",
         py::arg("block_values"), py::arg("values_stride"), py::arg("tensor_block_start"), py::arg("num_tensors"),
         py::arg("ops"), py::arg("out"), py::arg("out_stride"), py::arg("tensor_offset"), py::arg("device"),
         py::arg("stream"));
   m.def("finalize", &finalize, "Launch 3: global norm, clip coefficient, found_inf, steps and loss scale.",
-        py::arg("tensor_sums"), py::arg("sums_stride"), py::arg("num_tensors_all"), py::arg("tensor_group"), py::arg("tensor_step"),
-        py::arg("num_tensors_dev"), py::arg("globals"), py::arg("scale"), py::arg("growth_tracker"),
-        py::arg("found_inf_in"), py::arg("max_grad_norm"), py::arg("growth_factor"), py::arg("backoff_factor"),
-        py::arg("growth_interval"), py::arg("update_scale"), py::arg("device"), py::arg("stream"));
-  m.def("update", &update, "Launch 4: the optimizer step ('adam' or 'sgd') with optional statistics partials.",
-        py::arg("optimizer"), py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("moment1"),
-        py::arg("moment2"), py::arg("num_blocks"), py::arg("block_tensor"), py::arg("tensor_end"),
-        py::arg("tensor_group"), py::arg("tensor_step"), py::arg("hyper"), py::arg("globals"),
-        py::arg("stats_partials"), py::arg("stats_stride"), py::arg("device"), py::arg("stream"));
+        py::arg("tensor_sums"), py::arg("sums_stride"), py::arg("num_tensors_all"), py::arg("tensor_table"),
+        py::arg("tensor_step"), py::arg("num_tensors_dev"), py::arg("globals"), py::arg("scale"),
+        py::arg("growth_tracker"), py::arg("found_inf_in"), py::arg("max_grad_norm"), py::arg("growth_factor"),
+        py::arg("backoff_factor"), py::arg("growth_interval"), py::arg("update_scale"), py::arg("device"),
+        py::arg("stream"));
+  m.def("update", &update, "Launch 4: one algorithm's step over a segment, with optional statistics partials.",
+        py::arg("algorithm"), py::arg("dtype"), py::arg("block_tensor"), py::arg("num_blocks"),
+        py::arg("tensor_table"), py::arg("num_tensors"), py::arg("state1"), py::arg("state2"),
+        py::arg("tensor_step"), py::arg("hyper"), py::arg("globals"), py::arg("stats_partials"),
+        py::arg("stats_stride"), py::arg("device"), py::arg("stream"));
 }

@@ -1,5 +1,6 @@
 // Device helpers shared by the four kernels: storage-dtype conversion, the per-thread element
-// mapping of a BLOCK (vectorized or masked), fixed-order block reductions and launch checks.
+// mapping of a BLOCK (vectorized or masked), tensor-table access, fixed-order block reductions and
+// launch checks.
 //
 // Determinism: every reduction here has a fixed shape. A thread folds its own elements in slot
 // order, a warp combines lanes with a xor-shuffle butterfly, and warp 0 combines the per-warp
@@ -73,24 +74,34 @@ struct RawSlots {
   uint4 v[kPerThread * int(sizeof(S)) / 16];
 };
 
-// Element mapping of one BLOCK onto a thread's kPerThread slots.
-// Full path (the block is entirely inside the tensor and the base pointers are 16-byte aligned):
+// Element mapping of one BLOCK onto a thread's kPerThread slots. Every array is addressed from a
+// base pointer at the block's first element: params and grads at the tensor's element
+// b * kBlock - STATE_START (pointer arithmetic in 64 bits), states at b * kBlock of the segment;
+// offsets inside a block stay below kBlock.
+// Full path (the block lies entirely inside the tensor and every base pointer is 16-byte aligned):
 //   slot k * W + j <-> element (k * kThreads + tid) * W + j, W = kVec of the storage dtype, so
 //   each thread issues 16-byte loads and a warp covers 512 contiguous bytes per 16-bit load.
-//   Every array (also the fp32 moments) uses the storage dtype's W so the slots line up.
+//   Every array (also the fp32 states) uses the storage dtype's W so the slots line up.
 // Tail path (the tensor ends inside the block, or a pointer is unaligned):
-//   slot i <-> element i * kThreads + tid, scalar loads masked by the tensor end.
-// Which path a block takes depends only on the layout and the buffers' 16-byte alignment (torch's
-// caching allocator hands out 512-byte aligned blocks), so the summation order is fixed.
+//   slot i <-> element i * kThreads + tid, scalar loads masked by the element count.
+// Which path a block takes depends only on the layout and the addresses of its one tensor and of
+// the state buffers (torch's caching allocator hands out 512-byte aligned blocks), so the
+// summation order is fixed.
 template <int W>
 struct Slots {
   static_assert(kPerThread % W == 0, "vector width must divide the elements per thread");
-  int64_t start;  // first element of the block (flat index)
-  int64_t end;    // one past the last element to touch: min(tensor end, start + BLOCK)
+  int count;  // elements of the block inside the tensor: min(NUMEL - first element, kBlock)
   bool full;
 
+  // remaining: elements of the tensor from the block's first one on (>= 1 for a block the
+  // layout gives the tensor).
+  static __device__ __forceinline__ Slots of(int64_t remaining, bool aligned) {
+    const int count = remaining < kBlock ? int(remaining) : kBlock;
+    return Slots{count, aligned && count == kBlock};
+  }
+
   __device__ __forceinline__ bool valid(int slot) const {
-    return full || start + int64_t(slot) * kThreads + threadIdx.x < end;
+    return full || slot * kThreads + int(threadIdx.x) < count;
   }
 
   // Full path only: the raw 16-byte vectors of one array's slots, issued back to back and not yet
@@ -103,7 +114,7 @@ struct Slots {
     constexpr int kLoads = W * int(sizeof(S)) / 16;  // 16-byte loads per W elements of S
 #pragma unroll
     for (int k = 0; k < kPerThread / W; ++k) {
-      const S* src = base + start + int64_t(k * kThreads + threadIdx.x) * W;
+      const S* src = base + (k * kThreads + int(threadIdx.x)) * W;
 #pragma unroll
       for (int l = 0; l < kLoads; ++l) raw.v[k * kLoads + l] = reinterpret_cast<const uint4*>(src)[l];
     }
@@ -122,15 +133,15 @@ struct Slots {
     }
   }
 
-  // Tail path: scalar loads masked by the end; masked slots read as 0.
+  // Tail path: scalar loads masked by the count; masked slots read as 0.
   template <typename S>
   __device__ __forceinline__ void load_tail(const S* __restrict__ base, float (&out)[kPerThread]) const {
     using Bits = typename Storage<S>::Bits;
     const Bits* src = reinterpret_cast<const Bits*>(base);
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
-      const int64_t e = start + int64_t(i) * kThreads + threadIdx.x;
-      out[i] = e < end ? Storage<S>::to_float(src[e]) : 0.f;
+      const int e = i * kThreads + int(threadIdx.x);
+      out[i] = e < count ? Storage<S>::to_float(src[e]) : 0.f;
     }
   }
 
@@ -152,7 +163,7 @@ struct Slots {
       constexpr int kStores = W * int(sizeof(S)) / 16;
 #pragma unroll
       for (int k = 0; k < kPerThread / W; ++k) {
-        S* dst = base + start + int64_t(k * kThreads + threadIdx.x) * W;
+        S* dst = base + (k * kThreads + int(threadIdx.x)) * W;
         Bits bits[W];
 #pragma unroll
         for (int j = 0; j < W; ++j) bits[j] = Storage<S>::from_float(in[k * W + j]);
@@ -165,24 +176,61 @@ struct Slots {
       Bits* dst = reinterpret_cast<Bits*>(base);
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        const int64_t e = start + int64_t(i) * kThreads + threadIdx.x;
-        if (e < end) dst[e] = Storage<S>::from_float(in[i]);
+        const int e = i * kThreads + int(threadIdx.x);
+        if (e < count) dst[e] = Storage<S>::from_float(in[i]);
       }
     }
   }
 };
 
-// The slots of block `block` of a tensor ending at tensor_end.
-template <int W>
-__device__ __forceinline__ Slots<W> block_slots(int64_t block, int64_t tensor_end, bool aligned) {
-  const int64_t start = block * kBlock;
-  const int64_t end = tensor_end < start + kBlock ? tensor_end : start + kBlock;
-  return Slots<W>{start, end, aligned && end - start == kBlock};
-}
+// Column `tensor` of the tensor table, int64 [kTableRows, num_tensors] (layout.h, TableRow).
+class TableColumn {
+ public:
+  __device__ __forceinline__ TableColumn(const int64_t* __restrict__ table, int64_t num_tensors, int32_t tensor)
+      : column_(table + tensor), stride_(num_tensors) {}
+
+  __device__ __forceinline__ int64_t operator[](int row) const { return column_[row * stride_]; }
+
+  // The tensor's element under the first slot of segment block `block`: b * kBlock - STATE_START.
+  __device__ __forceinline__ int64_t first_element(int64_t block) const {
+    return block * kBlock - (*this)[kStateStart];
+  }
+
+  // The param (kParamAddr) or grad (kGradAddr) storage at element `element` of the tensor.
+  template <typename T>
+  __device__ __forceinline__ T* address(int row, int64_t element) const {
+    return reinterpret_cast<T*>((*this)[row]) + element;
+  }
+
+ private:
+  const int64_t* __restrict__ column_;
+  int64_t stride_;
+};
 
 // 1/scale as torch.amp.GradScaler computes it (scale.double().reciprocal().float()), so the
 // unscaled gradients match torch's unscale_ bit for bit for any scale, not only powers of two.
 __device__ __forceinline__ float inv_scale_of(float scale) { return float(1.0 / double(scale)); }
+
+// k of the decay lr * wd * k: lr / max_lr for corrected groups (AdamC / SGDC / LionC, Defazio
+// 2025, arXiv 2506.02285), else 1. A corrected group with max_lr 0 has lr 0 too (lr = 0 is legal):
+// k = 0 there, not 0/0. In fp64, as python/fusedopt/engine/reference.py decay_multiplier.
+__device__ __forceinline__ double decay_multiplier(const float* __restrict__ row) {
+  if (row[kCorrected] == 0.f) return 1.0;
+  const double max_lr = row[kMaxLr];
+  return max_lr > 0.0 ? double(row[kLr]) / max_lr : 0.0;
+}
+
+// The gradient the update uses, g = (grad * INV_SCALE) * CLIP_COEF: torch's unscale_, then
+// clip_grad_norm_'s multiply, in that order. Every algorithm's Coeffs carries one (member
+// `unscale`, filled from the globals by its make_coeffs); the update kernel applies it.
+struct GradScale {
+  float inv_scale, clip;
+
+  static __device__ __forceinline__ GradScale of(const float* __restrict__ globals) {
+    return GradScale{globals[kInvScale], globals[kClipCoef]};
+  }
+  __device__ __forceinline__ float operator()(float grad) const { return (grad * inv_scale) * clip; }
+};
 
 template <typename V>
 __device__ __forceinline__ V reduce_identity(Reduce op) {
@@ -230,7 +278,9 @@ __device__ __forceinline__ void block_reduce(V (&vals)[N], const Reduce (&ops)[N
   }
 }
 
-inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+__host__ __device__ __forceinline__ bool is_aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 // Raises with the kernel's name if the launch just made failed (bad configuration, no device,
 // or an earlier asynchronous error surfacing here).

@@ -1,15 +1,16 @@
 // finalize: launch 3 of the fused step (docs/kernel_contract.md). One thread block turns the
-// per-tensor gradient sums of all of the optimizer's buffers into the step's globals:
+// per-tensor gradient sums of all of the optimizer's segments into the step's globals:
 //   found_inf = any non-finite flag in tensor_sums[1, :] or external_found_inf != 0
 //   N         = sqrt(sum of tensor_sums[0, :]) in fp64, in a fixed order
 //   clip      = min(1, max_grad_norm / (N + 1e-6)) when max_grad_norm > 0, else 1
-//   tensor_step[t] += 1 for active tensors (group >= 0) when not found_inf
+//   tensor_step[t] += 1 for active tensors (GROUP[t] >= 0 in the tensor table) when not found_inf
 //   SKIPPED_STEPS += found_inf; the loss scale follows torch._amp_update_scale_.
 // Skipped tensors need no mask in the sums: grad_norm writes 0, 0 for them, so summing every
 // column of tensor_sums (which may span several devices' tensors, T_all >= T_dev) is exact.
 //
-// Napkin math: reads 8 B per tensor and writes 4 B per tensor: a few microseconds of launch
-// latency, independent of the parameter count; it exists so that nothing is read on the host.
+// Napkin math: reads 20 B per tensor (two sums, GROUP, step) and writes 4 B per tensor: a few
+// microseconds of launch latency, independent of the parameter count; it exists so that nothing is
+// read on the host.
 #include "common.cuh"
 
 namespace fusedopt {
@@ -30,7 +31,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FinalizeArgs a
 
   if (!found_inf) {
     for (int64_t t = threadIdx.x; t < a.num_tensors_dev; t += kThreads)
-      if (a.tensor_group[t] >= 0) a.tensor_step[t] += 1.f;
+      if (a.tensor_table[kGroup * a.num_tensors_dev + t] >= 0) a.tensor_step[t] += 1.f;
   }
   if (threadIdx.x != 0) return;
 

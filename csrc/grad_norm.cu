@@ -1,13 +1,16 @@
-// grad_norm: launch 1 of the fused step (docs/kernel_contract.md). One thread block per BLOCK of
-// the flat gradient buffer writes
+// grad_norm: launch 1 of the fused step (docs/kernel_contract.md). One thread block per BLOCK of a
+// segment reads its tensor's gradient through the tensor table (GRAD_ADDR[t] + e,
+// e = b * BLOCK + j - STATE_START[t]) and writes
 //   block_sums[0, b] = sum over the block of (grad * inv_scale)^2, accumulated in fp32,
 //   block_sums[1, b] = 1 if any grad * inv_scale in the block is inf/NaN, else 0,
-// with inv_scale = 1/scale (1 without a scaler). Blocks of skipped tensors (group -1) write 0, 0.
-// Read-only over the gradients; tensor_reduce then folds the blocks per tensor.
+// with inv_scale = 1/scale (1 without a scaler). Blocks of skipped tensors (group -1) write 0, 0
+// and read no gradient (GRAD_ADDR may be 0). Read-only over the gradients; tensor_reduce then
+// folds the blocks per tensor.
 //
 // Napkin math: each element is read once and nothing per element is written: 4 B/element (fp32)
-// or 2 B/element (bf16/fp16), plus 8 B of output and ~16 B of layout reads per 4096 elements
-// (0.006 B/element). At 1.1B fp32 params: 4.4 GB, ~1.4 ms at 3.2 TB/s (H100 SXM copy bandwidth).
+// or 2 B/element (bf16/fp16), plus 8 B of output and 4 B of block_tensor + 32 B of table column
+// per 4096 elements (0.01 B/element). At 1.1B fp32 params: 4.4 GB, ~1.4 ms at 3.2 TB/s (H100 SXM
+// copy bandwidth).
 #include "common.cuh"
 
 namespace fusedopt {
@@ -15,15 +18,16 @@ namespace {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    grad_norm_kernel(const T* __restrict__ grad, const int32_t* __restrict__ block_tensor,
-                     const int64_t* __restrict__ tensor_end, const int32_t* __restrict__ tensor_group,
-                     const float* __restrict__ scale, float* __restrict__ block_sums,
-                     int64_t block_sums_stride, bool aligned) {
+    grad_norm_kernel(const int32_t* __restrict__ block_tensor, const int64_t* __restrict__ tensor_table,
+                     int64_t num_tensors, const float* __restrict__ scale, float* __restrict__ block_sums,
+                     int64_t block_sums_stride) {
   const int64_t block = blockIdx.x;
-  const int32_t tensor = block_tensor[block];
+  const TableColumn tensor(tensor_table, num_tensors, block_tensor[block]);
   float vals[2] = {0.f, 0.f};  // sum of g^2, non-finite flag
-  if (tensor_group[tensor] >= 0) {
-    const Slots<kVec<T>> slots = block_slots<kVec<T>>(block, tensor_end[tensor], aligned);
+  if (tensor[kGroup] >= 0) {
+    const int64_t first = tensor.first_element(block);
+    const T* grad = tensor.address<const T>(kGradAddr, first);
+    const Slots<kVec<T>> slots = Slots<kVec<T>>::of(tensor[kNumel] - first, is_aligned16(grad));
     float g[kPerThread];
     slots.load(grad, g);
     const float inv_scale = scale != nullptr ? inv_scale_of(*scale) : 1.f;
@@ -37,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     vals[1] = nonfinite ? 1.f : 0.f;
   }
-  const Reduce ops[2] = {Reduce::kSum, Reduce::kMax};
+  const Reduce ops[2] = {kGradSquaresOp, kNonfiniteOp};
   block_reduce(vals, ops);
   if (threadIdx.x == 0) {
     block_sums[block] = vals[0];
@@ -46,30 +50,28 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-void launch(const void* grad, int64_t num_blocks, const int32_t* block_tensor, const int64_t* tensor_end,
-            const int32_t* tensor_group, const float* scale, float* block_sums, int64_t block_sums_stride,
-            cudaStream_t stream) {
-  grad_norm_kernel<T><<<unsigned(num_blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(grad), block_tensor, tensor_end, tensor_group, scale, block_sums, block_sums_stride,
-      is_aligned16(grad));
+void launch(const int32_t* block_tensor, int64_t num_blocks, const int64_t* tensor_table, int64_t num_tensors,
+            const float* scale, float* block_sums, int64_t block_sums_stride, cudaStream_t stream) {
+  grad_norm_kernel<T><<<unsigned(num_blocks), kThreads, 0, stream>>>(block_tensor, tensor_table, num_tensors, scale,
+                                                                     block_sums, block_sums_stride);
   check_launch("grad_norm");
 }
 
 }  // namespace
 
-void launch_grad_norm(const void* grad, Dtype dtype, int64_t num_blocks, const int32_t* block_tensor,
-                      const int64_t* tensor_end, const int32_t* tensor_group, const float* scale,
-                      float* block_sums, int64_t block_sums_stride, cudaStream_t stream) {
+void launch_grad_norm(Dtype dtype, const int32_t* block_tensor, int64_t num_blocks, const int64_t* tensor_table,
+                      int64_t num_tensors, const float* scale, float* block_sums, int64_t block_sums_stride,
+                      cudaStream_t stream) {
   if (num_blocks == 0) return;
   switch (dtype) {
     case Dtype::kFloat32:
-      return launch<float>(grad, num_blocks, block_tensor, tensor_end, tensor_group, scale, block_sums,
+      return launch<float>(block_tensor, num_blocks, tensor_table, num_tensors, scale, block_sums,
                            block_sums_stride, stream);
     case Dtype::kBFloat16:
-      return launch<__nv_bfloat16>(grad, num_blocks, block_tensor, tensor_end, tensor_group, scale, block_sums,
+      return launch<__nv_bfloat16>(block_tensor, num_blocks, tensor_table, num_tensors, scale, block_sums,
                                    block_sums_stride, stream);
     case Dtype::kFloat16:
-      return launch<__half>(grad, num_blocks, block_tensor, tensor_end, tensor_group, scale, block_sums,
+      return launch<__half>(block_tensor, num_blocks, tensor_table, num_tensors, scale, block_sums,
                             block_sums_stride, stream);
   }
   throw std::invalid_argument("grad_norm: unknown dtype code " + std::to_string(int(dtype)));

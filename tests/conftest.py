@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fusedopt import backends  # noqa: E402
+from fusedopt.engine import backends  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,15 +1,17 @@
-"""The CUDA backend (fusedopt.cuda_backend over fusedopt._C), op by op.
+"""The CUDA backend (fusedopt.cuda_backend over fusedopt._C), launch by launch.
 
 CPU (CI): the wrapper imports without the extension or a GPU, says how to build a missing
 extension, names the bad argument, passes pointers/sizes/strides to the binding under the
 binding's own argument names, and the compiled module's own checks reject bad raw values.
 
-GPU (marked gpu): each of the four launches against plain torch computations on hand-built flat
-layouts (tensor sizes 1, 127, 5000, 278011, each padded to BLOCK = 4096), fp32/bf16/fp16, a
-skipped tensor, sentinels in the padding (never read or written), the found_inf branch
-(bit-identical state, statistics of the unchanged state), bitwise reproducibility over two runs,
-and a tensor above 2^31 elements (memory-gated). The optimizer-level tests (tests/test_update.py)
-run the whole step against the reference on this backend as well.
+GPU (marked gpu): each launch against plain torch on a segment whose params and grads sit where
+owners put them (docs/kernel_contract.md): own allocations, a channels_last 4-D param, views into
+one shared buffer at offsets that are not 16-byte aligned (scalar path) and at aligned ones (vector
+path), an aligned param with an unaligned grad, a tensor without a gradient (GRAD_ADDR 0, skipped)
+and a tensor of another segment in the same table. The expected update is the contract's element
+math in fp32 torch ops in the kernels' order, so params and states must match bit for bit; the
+statistics partials are checked against sums over the kernel's own outputs. Also: found_inf (no
+byte written), bitwise repeats of the whole step, and a tensor above 2^31 elements (memory-gated).
 """
 import importlib
 import math
@@ -21,14 +23,14 @@ import pytest
 import torch
 
 from fusedopt import cuda_backend
-from fusedopt import flat
-from fusedopt.reference import adam_reference, sgd_reference
-from tolerances import TOLERANCE
+from fusedopt.engine import layout
 
-BLOCK = cuda_backend.BLOCK
-SIZES = (1, 127, 5000, 278011)
+BLOCK = layout.BLOCK
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FUNCTIONS = ("grad_norm", "tensor_reduce", "finalize", "update")
+# States and statistics columns per algorithm, as docs/kernel_contract.md lists them.
+CONTRACT = {"adamw": dict(states=2, stats=6), "sgd": dict(states=1, stats=3),
+            "lion": dict(states=1, stats=3)}
 
 
 def _extension():
@@ -54,12 +56,14 @@ def cuda():
 # ---------------------------------------------------------------------------------------------
 
 class RecordingExtension:
-    """Stands in for fusedopt._C: records each call's keyword arguments."""
-
-    BLOCK = BLOCK
+    """Stands in for fusedopt._C: records each launch's keyword arguments; its schema holds the
+    contract's state and statistics counts."""
 
     def __init__(self):
         self.calls = []
+
+    def schema(self):
+        return {"algorithms": {name: dict(counts) for name, counts in CONTRACT.items()}}
 
     def __getattr__(self, name):
         if name not in FUNCTIONS:
@@ -78,28 +82,46 @@ def recorder(monkeypatch):
     return fake
 
 
-def cpu_layout(sizes=(1, 5000), dtype=torch.float32):
-    ends, blocks, block_start, start = [], [], [0], 0
+def cpu_layout(sizes=(1, 5000)):
+    """The per-segment and per-device arrays of a segment of `sizes`, on CPU (no params: the
+    wrapper never sees them)."""
+    blocks, block_start, state_start = [], [0], []
     for t, n in enumerate(sizes):
-        nb = -(-n // BLOCK)
-        ends.append(start + n)
-        blocks += [t] * nb
-        start += nb * BLOCK
-        block_start.append(start // BLOCK)
-    nb = start // BLOCK
+        state_start.append(len(blocks) * BLOCK)
+        blocks += [t] * -(-n // BLOCK)
+        block_start.append(len(blocks))
+    nb, num_tensors = len(blocks), len(sizes)
+    table = torch.zeros(layout.TABLE_ROWS, num_tensors, dtype=torch.int64)
+    table[layout.NUMEL] = torch.tensor(sizes)
+    table[layout.STATE_START] = torch.tensor(state_start)
     return SimpleNamespace(
-        num_blocks=nb, param=torch.zeros(nb * BLOCK, dtype=dtype),
-        grad=torch.zeros(nb * BLOCK, dtype=dtype), m=torch.zeros(nb * BLOCK),
-        v=torch.zeros(nb * BLOCK), block_tensor=torch.tensor(blocks, dtype=torch.int32),
-        tensor_end=torch.tensor(ends, dtype=torch.int64),
+        num_blocks=nb, block_tensor=torch.tensor(blocks, dtype=torch.int32), table=table,
         tensor_block_start=torch.tensor(block_start, dtype=torch.int32),
-        tensor_group=torch.zeros(len(sizes), dtype=torch.int32),
-        tensor_step=torch.ones(len(sizes)), hyper=torch.zeros(2, 10), globals=torch.zeros(8),
-        block_sums=torch.zeros(2, nb))
+        state1=torch.zeros(nb * BLOCK), state2=torch.zeros(nb * BLOCK),
+        step=torch.ones(num_tensors), hyper=torch.zeros(2, layout.HYPER_COLUMNS),
+        globals=torch.zeros(layout.GLOBAL_SLOTS), block_sums=torch.zeros(2, nb))
+
+
+def call_update(lay, algorithm="adamw", dtype=torch.float32, **changes):
+    args = dict(algorithm=algorithm, dtype=dtype, block_tensor=lay.block_tensor,
+                tensor_table=lay.table, state1=lay.state1,
+                state2=lay.state2 if CONTRACT[algorithm]["states"] == 2 else None,
+                tensor_step=lay.step, hyper=lay.hyper, globals_=lay.globals, stats_partials=None)
+    args.update(changes)
+    cuda_backend.update(**args)
+
+
+def call_finalize(lay, **changes):
+    args = dict(tensor_sums=torch.zeros(2, 2), tensor_table=lay.table, tensor_step=lay.step,
+                globals_=lay.globals, scale=None, growth_tracker=None, found_inf_in=None,
+                max_grad_norm=0.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                update_scale=False)
+    args.update(changes)
+    cuda_backend.finalize(**args)
 
 
 def test_import_needs_neither_extension_nor_gpu():
-    for name in FUNCTIONS + ("is_available",):
+    for name in FUNCTIONS + ("is_available", "schema"):
         assert callable(getattr(cuda_backend, name))
     if not torch.cuda.is_available():
         assert cuda_backend.is_available() is False
@@ -111,16 +133,13 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     assert cuda_backend.is_available() is False
     lay = cpu_layout()
     calls = {
-        "grad_norm": lambda: cuda_backend.grad_norm(lay.grad, lay.block_tensor, lay.tensor_end,
-                                                    lay.tensor_group, None, lay.block_sums),
+        "grad_norm": lambda: cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table,
+                                                    None, lay.block_sums),
         "tensor_reduce": lambda: cuda_backend.tensor_reduce(lay.block_sums, lay.tensor_block_start,
                                                             (0, 2), torch.zeros(2, 2), 0),
-        "finalize": lambda: cuda_backend.finalize(torch.zeros(2, 2), lay.tensor_group,
-                                                  lay.tensor_step, lay.globals, None, None, None,
-                                                  0.0, 2.0, 0.5, 2000, False),
-        "update": lambda: cuda_backend.update("adam", lay.param, lay.grad, lay.m, lay.v,
-                                              lay.block_tensor, lay.tensor_end, lay.tensor_group,
-                                              lay.tensor_step, lay.hyper, lay.globals, None),
+        "finalize": lambda: call_finalize(lay),
+        "update": lambda: call_update(lay),
+        "schema": cuda_backend.schema,
     }
     for name, call in calls.items():
         with pytest.raises(ImportError) as info:
@@ -132,28 +151,27 @@ def test_missing_extension_says_how_to_build(monkeypatch):
 
 def test_wrong_dtype_is_named(recorder):
     lay = cpu_layout()
-    with pytest.raises(TypeError, match=r"grad must have dtype .*got int32"):
-        cuda_backend.grad_norm(lay.grad.int(), lay.block_tensor, lay.tensor_end, lay.tensor_group,
-                               None, lay.block_sums)
-    with pytest.raises(TypeError, match=r"tensor_end must have dtype int64, got int32"):
-        cuda_backend.grad_norm(lay.grad, lay.block_tensor, lay.tensor_end.int(), lay.tensor_group,
-                               None, lay.block_sums)
-    with pytest.raises(TypeError, match=r"grad must have dtype bfloat16, got float32"):
-        cuda_backend.update("sgd", lay.param.bfloat16(), lay.grad, lay.m, None, lay.block_tensor,
-                            lay.tensor_end, lay.tensor_group, lay.tensor_step, lay.hyper,
-                            lay.globals, None)
-    with pytest.raises(TypeError, match=r"moment1 must have dtype float32, got float64"):
-        cuda_backend.update("sgd", lay.param, lay.grad, lay.m.double(), None, lay.block_tensor,
-                            lay.tensor_end, lay.tensor_group, lay.tensor_step, lay.hyper,
-                            lay.globals, None)
+    with pytest.raises(TypeError, match=r"dtype must be float32, bfloat16 or float16, got torch.float64"):
+        cuda_backend.grad_norm(torch.float64, lay.block_tensor, lay.table, None, lay.block_sums)
+    with pytest.raises(TypeError, match=r"tensor_table must have dtype int64, got int32"):
+        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table.int(), None,
+                               lay.block_sums)
+    with pytest.raises(TypeError, match=r"block_tensor must have dtype int32, got int64"):
+        cuda_backend.grad_norm(torch.bfloat16, lay.block_tensor.long(), lay.table, None,
+                               lay.block_sums)
+    with pytest.raises(TypeError, match=r"state1 must have dtype float32, got bfloat16"):
+        call_update(lay, "sgd", state1=lay.state1.bfloat16())
+    with pytest.raises(TypeError, match=r"state2 must have dtype float32, got float64"):
+        call_update(lay, "adamw", state2=lay.state2.double())
+    with pytest.raises(TypeError, match=r"dtype must be float32, bfloat16 or float16, got torch.int8"):
+        call_update(lay, "lion", dtype=torch.int8)
+    with pytest.raises(TypeError, match=r"tensor_step must have dtype float32, got int32"):
+        call_update(lay, tensor_step=lay.step.int())
     with pytest.raises(TypeError, match=r"growth_tracker must have dtype int32, got int64"):
-        cuda_backend.finalize(torch.zeros(2, 2), lay.tensor_group, lay.tensor_step, lay.globals,
-                              torch.ones(1), torch.zeros(1, dtype=torch.int64), None, 0.0, 2.0,
-                              0.5, 2000, True)
-    with pytest.raises(TypeError, match=r"param must have dtype float32, bfloat16, float16, got float64"):
-        cuda_backend.update("adam", lay.param.double(), lay.grad.double(), lay.m, lay.v,
-                            lay.block_tensor, lay.tensor_end, lay.tensor_group, lay.tensor_step,
-                            lay.hyper, lay.globals, None)
+        call_finalize(lay, scale=torch.ones(1), growth_tracker=torch.zeros(1, dtype=torch.int64),
+                      update_scale=True)
+    with pytest.raises(TypeError, match=r"hyper is required, got None"):
+        call_update(lay, hyper=None)
     assert recorder.calls == []
 
 
@@ -161,52 +179,83 @@ def test_wrong_shapes_and_values_are_named(recorder):
     lay = cpu_layout()
     nb = lay.num_blocks
     with pytest.raises(ValueError, match=r"block_sums must have shape \(2, 3\), got \(3, 3\)"):
-        cuda_backend.grad_norm(lay.grad, lay.block_tensor, lay.tensor_end, lay.tensor_group, None,
+        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table, None,
                                torch.zeros(3, nb))
-    with pytest.raises(ValueError, match=r"grad must hold a whole number of 4096-element blocks"):
-        cuda_backend.grad_norm(lay.grad[:-1], lay.block_tensor, lay.tensor_end, lay.tensor_group,
-                               None, lay.block_sums)
+    with pytest.raises(ValueError, match=r"tensor_table must have shape \(5, T\), got \(4, 2\)"):
+        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table[:4], None,
+                               lay.block_sums)
+    with pytest.raises(ValueError, match=r"tensor_table must be contiguous"):
+        cuda_backend.grad_norm(torch.float32, lay.block_tensor,
+                               torch.zeros(5, 4, dtype=torch.int64)[:, ::2], None, lay.block_sums)
+    with pytest.raises(ValueError, match=r"tensor_table has no tensors, but block_tensor has 3"):
+        cuda_backend.grad_norm(torch.float32, lay.block_tensor,
+                               torch.zeros(5, 0, dtype=torch.int64), None, lay.block_sums)
     with pytest.raises(ValueError, match=r"scale must have shape \(1,\)"):
-        cuda_backend.grad_norm(lay.grad, lay.block_tensor, lay.tensor_end, lay.tensor_group,
-                               torch.ones(2), lay.block_sums)
+        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table, torch.ones(2),
+                               lay.block_sums)
     with pytest.raises(ValueError, match=r"ops must be 0 \(sum\), 1 \(min\) or 2 \(max\)"):
         cuda_backend.tensor_reduce(lay.block_sums, lay.tensor_block_start, (0, 3),
                                    torch.zeros(2, 2), 0)
     with pytest.raises(ValueError, match=r"tensor_offset 1 \+ 2 tensors exceeds out's 2 columns"):
         cuda_backend.tensor_reduce(lay.block_sums, lay.tensor_block_start, (0, 2),
                                    torch.zeros(2, 2), 1)
-    with pytest.raises(ValueError, match=r"moment2 must be None for optimizer 'sgd'"):
-        cuda_backend.update("sgd", lay.param, lay.grad, lay.m, lay.v, lay.block_tensor,
-                            lay.tensor_end, lay.tensor_group, lay.tensor_step, lay.hyper,
-                            lay.globals, None)
-    with pytest.raises(ValueError, match=r"optimizer must be 'adam' or 'sgd', got 'adamw'"):
-        cuda_backend.update("adamw", lay.param, lay.grad, lay.m, lay.v, lay.block_tensor,
-                            lay.tensor_end, lay.tensor_group, lay.tensor_step, lay.hyper,
-                            lay.globals, None)
-    with pytest.raises(ValueError, match=r"stats_partials must have shape \(6, 3\), got \(3, 3\)"):
-        cuda_backend.update("adam", lay.param, lay.grad, lay.m, lay.v, lay.block_tensor,
-                            lay.tensor_end, lay.tensor_group, lay.tensor_step, lay.hyper,
-                            lay.globals, torch.zeros(3, nb))
-    with pytest.raises(ValueError, match=r"hyper must be a contiguous \(G, 10\) table"):
-        cuda_backend.update("adam", lay.param, lay.grad, lay.m, lay.v, lay.block_tensor,
-                            lay.tensor_end, lay.tensor_group, lay.tensor_step, torch.zeros(2, 9),
-                            lay.globals, None)
-    with pytest.raises(ValueError, match=r"param must be contiguous"):
-        strided = torch.zeros(2 * nb * BLOCK)[::2]
-        cuda_backend.update("sgd", strided, strided, lay.m, None, lay.block_tensor, lay.tensor_end,
-                            lay.tensor_group, lay.tensor_step, lay.hyper, lay.globals, None)
+    with pytest.raises(ValueError, match=r"algorithm must be one of 'adamw', 'sgd', 'lion', got 'adam'"):
+        cuda_backend.update("adam", torch.float32, lay.block_tensor, lay.table, lay.state1,
+                            lay.state2, lay.step, lay.hyper, lay.globals, None)
+    with pytest.raises(ValueError, match=r"state2 must be None for algorithm 'sgd'"):
+        call_update(lay, "sgd", state2=lay.state2)
+    with pytest.raises(ValueError, match=r"state2 must be None for algorithm 'lion'"):
+        call_update(lay, "lion", state2=lay.state2)
+    with pytest.raises(TypeError, match=r"state2 is required, got None"):
+        call_update(lay, "adamw", state2=None)
+    with pytest.raises(ValueError, match=r"state1 must have shape \(12288,\), got \(12287,\)"):
+        call_update(lay, "sgd", state1=lay.state1[:-1])
+    with pytest.raises(ValueError, match=r"state1 must be contiguous"):
+        call_update(lay, "lion", state1=torch.zeros(2 * nb * BLOCK)[::2])
+    for algorithm, counts in CONTRACT.items():
+        wrong = 9 - counts["stats"]
+        with pytest.raises(ValueError, match=rf"stats_partials must have shape \({counts['stats']}, "
+                                             rf"3\), got \({wrong}, 3\)"):
+            call_update(lay, algorithm, stats_partials=torch.zeros(wrong, nb))
+    with pytest.raises(ValueError, match=r"hyper must have shape \(G, 8\) with G >= 1, got \(2, 9\)"):
+        call_update(lay, hyper=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match=r"hyper must have shape \(G, 8\) with G >= 1, got \(0, 8\)"):
+        call_update(lay, hyper=torch.zeros(0, 8))
+    with pytest.raises(ValueError, match=r"hyper must be contiguous"):
+        call_update(lay, hyper=torch.zeros(8, 2).t())
+    with pytest.raises(ValueError, match=r"tensor_step must have shape \(2,\), got \(3,\)"):
+        call_update(lay, tensor_step=torch.ones(3))
+    with pytest.raises(ValueError, match=r"globals_ must have shape \(8,\), got \(6,\)"):
+        call_update(lay, globals_=torch.zeros(6))
+    with pytest.raises(ValueError, match=r"tensor_step must have shape \(2,\), got \(1,\)"):
+        call_finalize(lay, tensor_step=torch.ones(1))
+    with pytest.raises(ValueError, match=r"tensor_sums must have shape \(2, T\), got \(3, 2\)"):
+        call_finalize(lay, tensor_sums=torch.zeros(3, 2))
     with pytest.raises(ValueError, match=r"growth_tracker is required"):
-        cuda_backend.finalize(torch.zeros(2, 2), lay.tensor_group, lay.tensor_step, lay.globals,
-                              torch.ones(1), None, None, 0.0, 2.0, 0.5, 2000, True)
+        call_finalize(lay, scale=torch.ones(1), update_scale=True)
     assert recorder.calls == []
 
 
 def test_cpu_tensors_are_refused(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_module", RecordingExtension())
     lay = cpu_layout()
-    with pytest.raises(ValueError, match=r"grad must be a CUDA tensor, got device cpu"):
-        cuda_backend.grad_norm(lay.grad, lay.block_tensor, lay.tensor_end, lay.tensor_group, None,
-                               lay.block_sums)
+    with pytest.raises(ValueError, match=r"block_tensor must be a CUDA tensor, got device cpu"):
+        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table, None, lay.block_sums)
+    with pytest.raises(ValueError, match=r"block_tensor must be a CUDA tensor, got device cpu"):
+        call_update(lay, "lion")
+
+
+def test_stale_extension_without_the_algorithm_says_so(recorder, monkeypatch):
+    lay = cpu_layout()
+    older = {"algorithms": {"adamw": CONTRACT["adamw"], "sgd": CONTRACT["sgd"]}}
+    monkeypatch.setattr(recorder, "schema", lambda: older, raising=False)
+    cuda_backend._compiled_algorithms.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"'lion' is not in the built fusedopt._C .*pip install -e"):
+            call_update(lay, "lion")
+    finally:
+        cuda_backend._compiled_algorithms.cache_clear()
+    assert recorder.calls == []
 
 
 def _documented_arguments(function):
@@ -218,48 +267,50 @@ def _documented_arguments(function):
 def test_wrapper_passes_what_the_binding_expects(recorder):
     """Pointers, sizes, strides and codes reach the binding under its own argument names (the
     real module's, when it is built)."""
-    lay = cpu_layout(dtype=torch.bfloat16)
+    lay = cpu_layout()
     nb = lay.num_blocks
     scale = torch.ones(1)
-    cuda_backend.grad_norm(lay.grad, lay.block_tensor, lay.tensor_end, lay.tensor_group, scale,
-                           lay.block_sums)
+    cuda_backend.grad_norm(torch.bfloat16, lay.block_tensor, lay.table, scale, lay.block_sums)
     values = torch.zeros(6, nb + 5)[:, :nb]  # a view with row stride nb + 5
     out = torch.zeros(6, 7)
-    cuda_backend.tensor_reduce(values, lay.tensor_block_start, flat.ADAM_STAT_OPS, out, 3)
+    cuda_backend.tensor_reduce(values, lay.tensor_block_start, (0, 0, 1, 2, 0, 0), out, 3)
     sums, tracker = torch.zeros(2, 9), torch.zeros(1, dtype=torch.int32)
-    cuda_backend.finalize(sums, lay.tensor_group, lay.tensor_step, lay.globals, scale, tracker,
-                          None, 1.0, 2.0, 0.5, 100, True)
-    partials = torch.zeros(6, nb)
-    cuda_backend.update("adam", lay.param, lay.grad, lay.m, lay.v, lay.block_tensor,
-                        lay.tensor_end, lay.tensor_group, lay.tensor_step, lay.hyper, lay.globals,
-                        partials)
-    calls = dict(recorder.calls)
-    assert calls["grad_norm"] == dict(
-        grad=lay.grad.data_ptr(), dtype=1, num_blocks=nb, block_tensor=lay.block_tensor.data_ptr(),
-        tensor_end=lay.tensor_end.data_ptr(), tensor_group=lay.tensor_group.data_ptr(),
-        scale=scale.data_ptr(), block_sums=lay.block_sums.data_ptr(), block_sums_stride=nb,
-        device=0, stream=1234)
-    assert calls["tensor_reduce"] == dict(
+    cuda_backend.finalize(sums, lay.table, lay.step, lay.globals, scale, tracker, None, 1.0, 2.0,
+                          0.5, 100, True)
+    partials = torch.zeros(6, nb + 2)[:, :nb]
+    cuda_backend.update("adamw", torch.float16, lay.block_tensor, lay.table, lay.state1,
+                        lay.state2, lay.step, lay.hyper, lay.globals, partials)
+    cuda_backend.update("lion", torch.float32, lay.block_tensor, lay.table, lay.state1, None,
+                        lay.step, lay.hyper, lay.globals, None)
+    calls = recorder.calls
+    assert [name for name, _ in calls] == ["grad_norm", "tensor_reduce", "finalize", "update",
+                                           "update"]
+    assert calls[0][1] == dict(
+        dtype=1, block_tensor=lay.block_tensor.data_ptr(), num_blocks=nb,
+        tensor_table=lay.table.data_ptr(), num_tensors=2, scale=scale.data_ptr(),
+        block_sums=lay.block_sums.data_ptr(), block_sums_stride=nb, device=0, stream=1234)
+    assert calls[1][1] == dict(
         block_values=values.data_ptr(), values_stride=nb + 5,
         tensor_block_start=lay.tensor_block_start.data_ptr(), num_tensors=2,
-        ops=list(flat.ADAM_STAT_OPS), out=out.data_ptr(), out_stride=7, tensor_offset=3, device=0,
+        ops=[0, 0, 1, 2, 0, 0], out=out.data_ptr(), out_stride=7, tensor_offset=3, device=0,
         stream=1234)
-    assert calls["finalize"] == dict(
+    assert calls[2][1] == dict(
         tensor_sums=sums.data_ptr(), sums_stride=9, num_tensors_all=9,
-        tensor_group=lay.tensor_group.data_ptr(), tensor_step=lay.tensor_step.data_ptr(),
-        num_tensors_dev=2, globals=lay.globals.data_ptr(), scale=scale.data_ptr(),
-        growth_tracker=tracker.data_ptr(), found_inf_in=0, max_grad_norm=1.0, growth_factor=2.0,
-        backoff_factor=0.5, growth_interval=100, update_scale=True, device=0, stream=1234)
-    assert calls["update"] == dict(
-        optimizer="adam", param=lay.param.data_ptr(), grad=lay.grad.data_ptr(), dtype=1,
-        moment1=lay.m.data_ptr(), moment2=lay.v.data_ptr(), num_blocks=nb,
-        block_tensor=lay.block_tensor.data_ptr(), tensor_end=lay.tensor_end.data_ptr(),
-        tensor_group=lay.tensor_group.data_ptr(), tensor_step=lay.tensor_step.data_ptr(),
-        hyper=lay.hyper.data_ptr(), globals=lay.globals.data_ptr(),
-        stats_partials=partials.data_ptr(), stats_stride=nb, device=0, stream=1234)
+        tensor_table=lay.table.data_ptr(), tensor_step=lay.step.data_ptr(), num_tensors_dev=2,
+        globals=lay.globals.data_ptr(), scale=scale.data_ptr(), growth_tracker=tracker.data_ptr(),
+        found_inf_in=0, max_grad_norm=1.0, growth_factor=2.0, backoff_factor=0.5,
+        growth_interval=100, update_scale=True, device=0, stream=1234)
+    common = dict(block_tensor=lay.block_tensor.data_ptr(), num_blocks=nb,
+                  tensor_table=lay.table.data_ptr(), num_tensors=2, state1=lay.state1.data_ptr(),
+                  tensor_step=lay.step.data_ptr(), hyper=lay.hyper.data_ptr(),
+                  globals=lay.globals.data_ptr(), device=0, stream=1234)
+    assert calls[3][1] == dict(common, algorithm="adamw", dtype=2, state2=lay.state2.data_ptr(),
+                               stats_partials=partials.data_ptr(), stats_stride=nb + 2)
+    assert calls[4][1] == dict(common, algorithm="lion", dtype=0, state2=0, stats_partials=0,
+                               stats_stride=0)
     real = _extension()
     if real is not None:
-        for name, kwargs in calls.items():
+        for name, kwargs in calls:
             assert _documented_arguments(getattr(real, name)) == list(kwargs), name
 
 
@@ -268,16 +319,16 @@ def test_compiled_module_checks_raw_arguments():
     c = _extension()
     if c is None:
         pytest.skip("fusedopt._C is not built (pip install -e . with nvcc on PATH)")
-    assert c.BLOCK == BLOCK and c.NUM_GLOBALS == flat.GLOBAL_SLOTS
-    assert c.NUM_HYPER == flat.HYPER_COLUMNS
-    gn = dict(grad=16, dtype=0, num_blocks=1, block_tensor=16, tensor_end=16, tensor_group=16,
-              scale=0, block_sums=16, block_sums_stride=1, device=0, stream=0)
-    with pytest.raises(ValueError, match=r"grad_norm: grad must be a non-null device pointer"):
-        c.grad_norm(**{**gn, "grad": 0})
+    gn = dict(dtype=0, block_tensor=16, num_blocks=1, tensor_table=16, num_tensors=1, scale=0,
+              block_sums=16, block_sums_stride=1, device=0, stream=0)
+    with pytest.raises(ValueError, match=r"grad_norm: tensor_table must be a non-null device pointer"):
+        c.grad_norm(**{**gn, "tensor_table": 0})
     with pytest.raises(ValueError, match=r"grad_norm: dtype must be 0 \(float32\)"):
         c.grad_norm(**{**gn, "dtype": 3})
     with pytest.raises(ValueError, match=r"grad_norm: num_blocks must be in \[0, 2147483647\]"):
         c.grad_norm(**{**gn, "num_blocks": -1})
+    with pytest.raises(ValueError, match=r"grad_norm: num_tensors must be >= 1 when num_blocks > 0"):
+        c.grad_norm(**{**gn, "num_tensors": 0})
     with pytest.raises(ValueError, match=r"grad_norm: block_sums_stride must be >= 5"):
         c.grad_norm(**{**gn, "num_blocks": 5, "block_sums_stride": 4})
     tr = dict(block_values=16, values_stride=1, tensor_block_start=16, num_tensors=1, ops=[0],
@@ -288,7 +339,7 @@ def test_compiled_module_checks_raw_arguments():
         c.tensor_reduce(**{**tr, "ops": [0] * 9})
     with pytest.raises(ValueError, match=r"tensor_reduce: tensor_offset \+ num_tensors"):
         c.tensor_reduce(**{**tr, "tensor_offset": 1})
-    fin = dict(tensor_sums=16, sums_stride=1, num_tensors_all=1, tensor_group=16, tensor_step=16,
+    fin = dict(tensor_sums=16, sums_stride=1, num_tensors_all=1, tensor_table=16, tensor_step=16,
                num_tensors_dev=1, globals=16, scale=16, growth_tracker=16, found_inf_in=0,
                max_grad_norm=0.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=0,
                update_scale=True, device=0, stream=0)
@@ -296,119 +347,365 @@ def test_compiled_module_checks_raw_arguments():
         c.finalize(**fin)
     with pytest.raises(ValueError, match=r"finalize: growth_tracker must be a non-null"):
         c.finalize(**{**fin, "growth_tracker": 0, "growth_interval": 10})
-    up = dict(optimizer="adam", param=16, grad=16, dtype=0, moment1=16, moment2=16, num_blocks=1,
-              block_tensor=16, tensor_end=16, tensor_group=16, tensor_step=16, hyper=16,
-              globals=16, stats_partials=0, stats_stride=0, device=0, stream=0)
-    with pytest.raises(ValueError, match=r"update: optimizer must be 'adam' or 'sgd', got 'lion'"):
-        c.update(**{**up, "optimizer": "lion"})
-    with pytest.raises(ValueError, match=r"update: moment2 must be a non-null device pointer"):
-        c.update(**{**up, "moment2": 0})
-    with pytest.raises(ValueError, match=r"update: moment2 must be null \(0\) for sgd"):
-        c.update(**{**up, "optimizer": "sgd"})
+    with pytest.raises(ValueError, match=r"finalize: tensor_table must be a non-null"):
+        c.finalize(**{**fin, "tensor_table": 0, "growth_interval": 10})
+    up = dict(algorithm="adamw", dtype=0, block_tensor=16, num_blocks=1, tensor_table=16,
+              num_tensors=1, state1=16, state2=16, tensor_step=16, hyper=16, globals=16,
+              stats_partials=0, stats_stride=0, device=0, stream=0)
+    with pytest.raises(ValueError, match=r"update: algorithm must be one of 'adamw', 'sgd', "
+                                         r"'lion', got 'adam'"):
+        c.update(**{**up, "algorithm": "adam"})
+    with pytest.raises(ValueError, match=r"update: state2 must be a non-null device pointer"):
+        c.update(**{**up, "state2": 0})
+    for one_state in ("sgd", "lion"):
+        with pytest.raises(ValueError, match=rf"update: state2 must be null \(0\) for {one_state}"):
+            c.update(**{**up, "algorithm": one_state})
     with pytest.raises(ValueError, match=r"update: stats_stride must be >= 1, got 0"):
         c.update(**{**up, "stats_partials": 16})
+    with pytest.raises(ValueError, match=r"update: block_tensor must be a non-null"):
+        c.update(**{**up, "block_tensor": 0})
+    # An empty segment launches nothing: its (empty) tensors may have null data pointers.
+    c.update(**{**up, "num_blocks": 0, "block_tensor": 0, "state1": 0, "state2": 0, "stream": 0})
+    c.grad_norm(**{**gn, "num_blocks": 0, "block_tensor": 0, "block_sums": 0,
+                   "block_sums_stride": 0})
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU: each launch against plain torch computations
 # ---------------------------------------------------------------------------------------------
 
-PAD = 7.0  # sentinel in the padding after each tensor: never read (it would show) nor written
+PAD = 7.0  # sentinel around views and in the state padding: never read (it would show) nor written
+
+# The device's tensors, as owners place them. param_view / grad_view: the tensor is a view into one
+# shared buffer (as DDP's gradient buckets) at that many elements past a 64-element boundary, so 0
+# is 16-byte aligned and 1, 3, 5 are not; absent: its own allocation (512-byte aligned).
+TENSORS = (
+    dict(shape=(300,), group=0, segment=False),  # another segment's tensor in the same table
+    dict(shape=(1,), group=0),
+    dict(shape=(8, 64, 9, 9), group=1, channels_last=True),  # 41472 = 10 blocks + 512
+    dict(shape=(5000,), group=0, grad=False),  # no gradient this step: skipped
+    dict(shape=(127, 41), group=1, param_view=1, grad_view=3),  # unaligned: scalar path
+    dict(shape=(3 * BLOCK,), group=0, grad_view=5),  # aligned param, unaligned grad
+    dict(shape=(278011,), group=0),
+    dict(shape=(2 * BLOCK,), group=1, param_view=0, grad_view=0),  # aligned views: vector path
+)
+STEPS = (4, 3, 1, 0, 7, 2, 1, 5)  # as finalize leaves them; t = 1 initialises the SGD buffer
+
+# Hyper rows (two groups) per configuration, by column name; absent columns are 0.
+CONFIGS = {
+    "adamw": ("adamw", [dict(lr=1e-2, max_lr=2e-2, weight_decay=0.1, corrected=1.0, beta1=0.9,
+                             beta2=0.999, eps=1e-8),
+                        dict(lr=3e-3, max_lr=3e-3, weight_decay=0.0, beta1=0.8, beta2=0.99,
+                             eps=1e-6)]),
+    "sgd": ("sgd", [dict(lr=1e-2, max_lr=4e-2, weight_decay=0.01, corrected=1.0, momentum=0.9,
+                         dampening=0.1),
+                    dict(lr=2e-2, max_lr=2e-2, weight_decay=0.1)]),  # momentum 0: no buffer
+    "sgd_nesterov": ("sgd", [dict(lr=5e-3, max_lr=5e-3, momentum=0.5, nesterov=1.0),
+                             dict(lr=1e-2, max_lr=1e-2, weight_decay=0.02, momentum=0.9)]),
+    "lion": ("lion", [dict(lr=1e-3, max_lr=3e-3, weight_decay=0.5, corrected=1.0, beta1=0.9,
+                           beta2=0.99),
+                      dict(lr=2e-4, max_lr=2e-4, weight_decay=0.0, beta1=0.95, beta2=0.98)]),
+}
+INV_SCALE, CLIP = 1 / 512, 0.7  # written to globals (CLIP rounds to fp32 there)
 
 
-class Layout:
-    """A flat buffer by hand: tensors of `sizes`, each starting at a multiple of BLOCK."""
+def memory_order(tensor):
+    """A dense tensor's elements in memory order (a view): the order the kernels visit them."""
+    return tensor.as_strided((tensor.numel(),), (1,))
 
-    def __init__(self, sizes, groups, device):
-        self.sizes, self.groups = list(sizes), list(groups)
-        self.starts, ends, blocks, block_start, start = [], [], [], [0], 0
-        for t, n in enumerate(sizes):
-            nb = -(-n // BLOCK)
-            self.starts.append(start)
-            ends.append(start + n)
-            blocks += [t] * nb
-            start += nb * BLOCK
-            block_start.append(start // BLOCK)
-        self.numel, self.num_blocks = start, start // BLOCK
-        self.ends = ends
-        self.block_start = block_start
+
+def algorithm_module(algorithm):
+    return importlib.import_module(f"fusedopt.algorithms.{algorithm}")
+
+
+class Segment:
+    """TENSORS on `device`: params and grads where their owners put them, the device's tensor
+    table, and one segment (every tensor but the first) with its state buffers."""
+
+    def __init__(self, device, dtype, *, algorithm="adamw", seed=0, steps=STEPS):
+        gen = torch.Generator().manual_seed(seed)
+        self.device, self.dtype, self.algorithm = device, dtype, algorithm
+        self.specs = TENSORS
+        # One shared buffer each for the params and the grads that are views.
+        cursor = {"param": 0, "grad": 0}
+        offsets = []
+        for spec in self.specs:
+            at = {}
+            for kind in ("param", "grad"):
+                if f"{kind}_view" in spec:
+                    at[kind] = -(-(cursor[kind] + 3) // 64) * 64 + spec[f"{kind}_view"]
+                    cursor[kind] = at[kind] + math.prod(spec["shape"])
+            offsets.append(at)
+        self.shared = {kind: torch.full((cursor[kind] + 64,), PAD, dtype=dtype, device=device)
+                       for kind in cursor}
+        self.params, self.grads = [], []
+        for spec, at in zip(self.specs, offsets):
+            numel = math.prod(spec["shape"])
+            for kind, values in (("param", torch.randn(numel, generator=gen)),
+                                 ("grad", torch.randn(numel, generator=gen) * 512)):
+                if kind == "grad" and not spec.get("grad", True):
+                    self.grads.append(None)
+                    continue
+                if kind in at:
+                    tensor = self.shared[kind][at[kind]:at[kind] + numel].view(spec["shape"])
+                else:
+                    memory_format = (torch.channels_last if spec.get("channels_last")
+                                     else torch.contiguous_format)
+                    tensor = torch.empty(spec["shape"], dtype=dtype, device=device,
+                                         memory_format=memory_format)
+                memory_order(tensor).copy_(values)
+                (self.params if kind == "param" else self.grads).append(tensor)
+        # The segment: tensors 1.. in table order, each starting at a multiple of BLOCK.
+        self.tensor_offset = 1
+        self.members = [t for t, spec in enumerate(self.specs) if spec.get("segment", True)]
+        assert self.members == list(range(self.tensor_offset, len(self.specs)))
+        blocks, block_start, state_start = [], [0], [0] * len(self.specs)
+        for t in self.members:
+            state_start[t] = len(blocks) * BLOCK
+            blocks += [t] * -(-self.params[t].numel() // BLOCK)
+            block_start.append(len(blocks))
+        self.num_blocks = len(blocks)
+        self.state_start = state_start
+        table = torch.zeros(layout.TABLE_ROWS, len(self.specs), dtype=torch.int64)
+        for t, spec in enumerate(self.specs):
+            grad = self.grads[t]
+            table[layout.PARAM_ADDR, t] = self.params[t].data_ptr()
+            table[layout.GRAD_ADDR, t] = 0 if grad is None else grad.data_ptr()
+            table[layout.GROUP, t] = -1 if grad is None else spec["group"]
+            table[layout.NUMEL, t] = self.params[t].numel()
+            table[layout.STATE_START, t] = state_start[t]
+        self.table = table.to(device)
+        self.groups = table[layout.GROUP].tolist()
         self.block_tensor = torch.tensor(blocks, dtype=torch.int32, device=device)
-        self.tensor_end = torch.tensor(ends, dtype=torch.int64, device=device)
         self.tensor_block_start = torch.tensor(block_start, dtype=torch.int32, device=device)
-        self.tensor_group = torch.tensor(groups, dtype=torch.int32, device=device)
-        self.device = device
+        self.step = torch.tensor(steps, dtype=torch.float32, device=device)
+        # State: random where a tensor has elements, PAD in the padding of its last block.
+        self.states = []
+        for _ in range(len(algorithm_module(algorithm).STATE)):
+            state = torch.full((self.num_blocks * BLOCK,), PAD, device=device)
+            for t in self.members:
+                n, start = self.params[t].numel(), state_start[t]
+                state[start:start + n] = torch.rand(n, generator=gen) * 1e-3
+            self.states.append(state)
+        self.globals = torch.zeros(layout.GLOBAL_SLOTS, device=device)
+        self.globals[layout.INV_SCALE] = INV_SCALE
+        self.globals[layout.CLIP_COEF] = CLIP
+        self.columns = layout.hyper_columns(algorithm_module(algorithm).HYPER)
 
-    def valid(self):
-        """Mask of the elements that belong to a tensor (not padding)."""
-        mask = torch.zeros(self.numel, dtype=torch.bool, device=self.device)
-        for s, e in zip(self.starts, self.ends):
-            mask[s:e] = True
-        return mask
+    def hyper_table(self, rows):
+        """hyper float32 [G, HYPER_COLUMNS] on the device from rows of {column name: value}."""
+        table = torch.zeros(len(rows), layout.HYPER_COLUMNS)
+        for g, row in enumerate(rows):
+            for name, value in row.items():
+                table[g, self.columns[name]] = value
+        return table.to(self.device)
 
-    def flat(self, values, dtype, device):
-        """A flat buffer holding `values` (one tensor per size) and PAD in the padding."""
-        out = torch.full((self.numel,), PAD, dtype=dtype, device=device)
-        for s, v in zip(self.starts, values):
-            out[s:s + v.numel()] = v.to(dtype)
-        return out
+    def snapshot(self):
+        """Copies of every array the update reads or writes, and of the shared buffers' gaps."""
+        return SimpleNamespace(
+            params=[memory_order(p).clone() for p in self.params],
+            grads=[None if g is None else memory_order(g).clone() for g in self.grads],
+            shared={kind: buffer.clone() for kind, buffer in self.shared.items()},
+            states=[s.clone() for s in self.states], step=self.step.clone(),
+            globals=self.globals.clone())
 
-    def part(self, flat_tensor, t):
-        return flat_tensor[self.starts[t]:self.ends[t]]
+    def state_of(self, t, states):
+        start, n = self.state_start[t], self.params[t].numel()
+        return [s[start:start + n] for s in states]
 
-    def block_range(self, b, tensor_of_block):
-        start = b * BLOCK
-        return start, min(self.ends[tensor_of_block], start + BLOCK)
+    def block_span(self, b):
+        """(tensor, first element in the tensor, element count) of segment block b."""
+        t = self.block_tensor[b].item()
+        first = b * BLOCK - self.state_start[t]
+        return t, first, min(self.params[t].numel() - first, BLOCK)
+
+    def unscaled_grad(self, t):
+        """(grad * INV_SCALE) * CLIP_COEF in fp32 on CPU, memory order (the kernels' g)."""
+        inv_scale = self.globals[layout.INV_SCALE].cpu()
+        clip = self.globals[layout.CLIP_COEF].cpu()
+        return (memory_order(self.grads[t]).float().cpu() * inv_scale) * clip
+
+    def run_update(self, hyper, stats):
+        rows = len(algorithm_module(self.algorithm).STATS)
+        partials = (torch.full((rows, self.num_blocks), -5.0, device=self.device) if stats
+                    else None)
+        cuda_backend.update(self.algorithm, self.dtype, self.block_tensor, self.table,
+                            self.states[0], self.states[1] if len(self.states) > 1 else None,
+                            self.step, hyper, self.globals, partials)
+        return partials
 
 
-def randn(n, gen, scale=1.0):
-    return torch.randn(n, generator=gen) * scale
+def f32(x):
+    """A scalar formed in Python doubles, rounded once to fp32 (as the kernels' scalars)."""
+    return torch.tensor(x, dtype=torch.float32)
 
 
-def tensor_of_blocks(lay):
-    return lay.block_tensor.tolist()
+def expected_step(algorithm, p, g, states, h, step):
+    """The contract's element math (docs/kernel_contract.md, update) in fp32 torch ops on CPU, one
+    rounding per product, quotient, sum and sqrt in the kernels' order. Returns the new (p,
+    states)."""
+    lr, wd = h["lr"], h["weight_decay"]
+    k = lr / h["max_lr"] if h["corrected"] else 1.0
+    if algorithm == "adamw":
+        m, v = states
+        b1, b2 = h["beta1"], h["beta2"]
+        p = p * f32(1 - lr * wd * k)
+        m = f32(b1) * m + f32(1 - b1) * g
+        v = f32(b2) * v + f32(1 - b2) * (g * g)
+        step_size = f32(lr / (1 - b1 ** step))
+        # sqrt through fp64 rounds to the nearest fp32 (an fp64 sqrt rounded once is the correctly
+        # rounded fp32 one); torch's CPU sqrt was 1 ulp off for 1 in ~6000 values on the H100
+        # host (torch 2.11), where the kernel's sqrtf is IEEE.
+        sqrt_v = v.double().sqrt().float()
+        p = p - step_size * (m / (sqrt_v / f32(math.sqrt(1 - b2 ** step)) + f32(h["eps"])))
+        return p, [m, v]
+    if algorithm == "sgd":
+        (buf,) = states
+        d = g
+        if wd != 0:
+            d = d + f32(wd * k) * p
+        if h["momentum"] != 0:
+            buf = d if step == 1 else f32(h["momentum"]) * buf + f32(1 - h["dampening"]) * d
+            d = d + f32(h["momentum"]) * buf if h["nesterov"] else buf
+        return p - f32(lr) * d, [buf]
+    assert algorithm == "lion"
+    (m,) = states
+    b1, b2 = h["beta1"], h["beta2"]
+    direction = torch.sign(f32(b1) * m + f32(1 - b1) * g)
+    p = p * f32(1 - lr * wd * k)
+    p = p - f32(lr) * direction
+    m = f32(b2) * m + f32(1 - b2) * g
+    return p, [m]
+
+
+def assert_same_bits(a, b, msg=""):
+    assert a.dtype == b.dtype and a.shape == b.shape, msg
+    same = a.view(torch.uint8) == b.view(torch.uint8)
+    assert bool(same.all()), f"{msg}: {int((~same).sum())} bytes differ"
+
+
+def hyper_of(seg, hyper, t):
+    """The group's row by column name, as Python floats of the stored fp32 values."""
+    row = hyper[seg.groups[t]].tolist()
+    return {name: row[column] for name, column in seg.columns.items()}
+
+
+def check_update(seg, hyper, before, partials, *, found_inf):
+    """Params and states against expected_step bit for bit; unchanged where nothing may be
+    written (found_inf, skipped tensors, the other segment's tensor, grads, the gaps around the
+    views, the state padding, steps and globals). Then the partials."""
+    for t in range(len(seg.specs)):
+        p_after = memory_order(seg.params[t])
+        if t not in seg.members:
+            assert_same_bits(p_after, before.params[t], f"param {t} (another segment)")
+            continue
+        s_before = seg.state_of(t, before.states)
+        s_after = seg.state_of(t, seg.states)
+        if found_inf or seg.groups[t] < 0:
+            expected, states = before.params[t], s_before
+        else:
+            p, states = expected_step(seg.algorithm, before.params[t].float().cpu(),
+                                      seg.unscaled_grad(t), [s.cpu() for s in s_before],
+                                      hyper_of(seg, hyper, t), seg.step[t].item())
+            expected = p.to(seg.dtype)
+        assert_same_bits(p_after.cpu(), expected.cpu(), f"param {t}")
+        for i, (ours, exp) in enumerate(zip(s_after, states)):
+            assert_same_bits(ours.cpu(), exp.cpu(), f"state{i + 1} of tensor {t}")
+    for t, grad in enumerate(seg.grads):
+        if grad is not None:
+            assert_same_bits(memory_order(grad), before.grads[t], f"grad {t}")
+    for kind, buffer in seg.shared.items():
+        gaps = torch.ones(buffer.numel(), dtype=torch.bool, device=buffer.device)
+        for tensor in seg.params if kind == "param" else seg.grads:
+            offset = 0 if tensor is None else tensor.data_ptr() - buffer.data_ptr()
+            if tensor is not None and 0 <= offset < buffer.numel() * buffer.element_size():
+                start = offset // buffer.element_size()
+                gaps[start:start + tensor.numel()] = False
+        assert_same_bits(buffer[gaps], before.shared[kind][gaps], f"gaps of the shared {kind}s")
+    padding = torch.ones(seg.num_blocks * BLOCK, dtype=torch.bool, device=seg.device)
+    for t in seg.members:
+        padding[seg.state_start[t]:seg.state_start[t] + seg.params[t].numel()] = False
+    for i, (ours, orig) in enumerate(zip(seg.states, before.states)):
+        assert_same_bits(ours[padding], orig[padding], f"padding of state{i + 1}")
+    assert_same_bits(seg.step, before.step, "tensor_step")
+    assert_same_bits(seg.globals, before.globals, "globals")
+    if partials is not None:
+        check_partials(seg, hyper, before, partials, found_inf=found_inf)
+
+
+def check_partials(seg, hyper, before, partials, *, found_inf):
+    """Each block's statistics against float64 sums over the kernel's stored outputs (the
+    outputs themselves are checked separately); blocks of skipped tensors are neutral."""
+    ops = [op for _, op in algorithm_module(seg.algorithm).STATS]
+    neutral = [{layout.OP_SUM: 0.0, layout.OP_MIN: math.inf, layout.OP_MAX: -math.inf}[op]
+               for op in ops]
+    got = partials.cpu().double()
+    for b in range(seg.num_blocks):
+        t, first, count = seg.block_span(b)
+        column = got[:, b]
+        if seg.groups[t] < 0:
+            assert column.tolist() == neutral, f"block {b}"
+            continue
+        span = slice(first, first + count)
+        p_old = before.params[t][span].cpu().double()
+        p_new = memory_order(seg.params[t])[span].cpu().double()
+        states = [s[span].cpu() for s in seg.state_of(t, seg.states)]
+        h = hyper_of(seg, hyper, t)
+        exp = [p_new.square().sum(), (p_new - p_old).square().sum()]
+        if seg.algorithm == "adamw":
+            step = seg.step[t].item()
+            vhat = (states[1] / f32(1 - h["beta2"] ** step if step > 0 else 1.0)).double()
+            g = seg.unscaled_grad(t)[span]
+            v_prev = seg.state_of(t, before.states)[1][span].cpu()
+            decreased = 0 if found_inf else int((g * g < v_prev).sum())
+            exp += [vhat.min(), vhat.max(), vhat.sum(), decreased]
+        elif seg.algorithm == "sgd" and h["momentum"] == 0:
+            exp.append(0.0)  # the buffer is not touched, its statistic is 0
+        else:
+            exp.append(states[0].double().square().sum())
+        exp = torch.tensor([float(x) for x in exp], dtype=torch.float64)
+        if found_inf:
+            assert column[1].item() == 0.0, f"block {b}: a skipped step has no update"
+        torch.testing.assert_close(column, exp, rtol=1e-5, atol=1e-30, msg=f"block {b}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scaled", [False, True], ids=["no_scale", "scale"])
 def test_grad_norm(cuda, dtype, scaled):
-    gen = torch.Generator().manual_seed(1)
-    lay = Layout(SIZES, [0, 1, -1, 0], cuda)
+    seg = Segment(cuda, dtype, seed=1)
     loss_scale = 1024.0 if scaled else 1.0
-    grads = [randn(n, gen, loss_scale) for n in SIZES]
-    grads[2][17] = float("inf")  # in the skipped tensor: must not count
-    grad = lay.flat(grads, dtype, cuda)
     scale = torch.tensor([loss_scale], device=cuda) if scaled else None
-    block_sums = torch.full((2, lay.num_blocks), -1.0, device=cuda)
-    cuda_backend.grad_norm(grad, lay.block_tensor, lay.tensor_end, lay.tensor_group, scale,
-                           block_sums)
-    expected = torch.zeros(2, lay.num_blocks, dtype=torch.float64)
-    for b, t in enumerate(tensor_of_blocks(lay)):
-        if lay.groups[t] < 0:
+    block_sums = torch.full((2, seg.num_blocks), -1.0, device=cuda)
+    cuda_backend.grad_norm(dtype, seg.block_tensor, seg.table, scale, block_sums)
+    expected = torch.zeros(2, seg.num_blocks, dtype=torch.float64)
+    for b in range(seg.num_blocks):
+        t, first, count = seg.block_span(b)
+        if seg.groups[t] < 0:
             continue
-        s, e = lay.block_range(b, t)
-        g = grad[s:e].float() * (1.0 / loss_scale)
+        g = memory_order(seg.grads[t])[first:first + count].float() * (1.0 / loss_scale)
         expected[0, b] = g.double().square().sum()
         expected[1, b] = float(not torch.isfinite(g).all())
     torch.testing.assert_close(block_sums.double().cpu(), expected, rtol=1e-5, atol=0)
 
-    # Non-finite values set the flag of their own block only.
-    bad = grad.clone()
-    bad[lay.starts[3] + 5 * BLOCK + 3] = float("nan")
-    bad[lay.starts[1] + 126] = float("-inf")
-    cuda_backend.grad_norm(bad, lay.block_tensor, lay.tensor_end, lay.tensor_group, scale,
-                           block_sums)
+    # Non-finite values set the flag of their own block only; the other segment's tensor (0)
+    # is not read.
+    memory_order(seg.grads[6])[5 * BLOCK + 3] = float("nan")
+    memory_order(seg.grads[4])[126] = float("-inf")
+    memory_order(seg.grads[0])[0] = float("inf")
+    cuda_backend.grad_norm(dtype, seg.block_tensor, seg.table, scale, block_sums)
     flagged = torch.nonzero(block_sums[1].cpu()).flatten().tolist()
-    assert flagged == [lay.block_start[1], lay.block_start[3] + 5]
+    first_block = {t: seg.state_start[t] // BLOCK for t in seg.members}
+    assert flagged == [first_block[4], first_block[6] + 5]
 
 
 @pytest.mark.gpu
 def test_grad_norm_flags_overflow_of_the_unscaled_value(cuda):
     """The flag is about grad * (1/scale): a finite fp16 grad can overflow once unscaled."""
-    lay = Layout([10], [0], cuda)
-    grad = lay.flat([torch.full((10,), 60000.0)], torch.float16, cuda)
+    grad = torch.full((10,), 60000.0, dtype=torch.float16, device=cuda)
+    table = torch.tensor([[grad.data_ptr()], [grad.data_ptr()], [0], [10], [0]], device=cuda)
     block_sums = torch.zeros(2, 1, device=cuda)
-    cuda_backend.grad_norm(grad, lay.block_tensor, lay.tensor_end, lay.tensor_group,
+    cuda_backend.grad_norm(torch.float16, torch.zeros(1, dtype=torch.int32, device=cuda), table,
                            torch.tensor([2.0**-120], device=cuda), block_sums)
     assert block_sums[1, 0].item() == 1.0
 
@@ -416,16 +713,17 @@ def test_grad_norm_flags_overflow_of_the_unscaled_value(cuda):
 @pytest.mark.gpu
 def test_tensor_reduce(cuda):
     gen = torch.Generator().manual_seed(2)
-    lay = Layout(SIZES, [0, 0, 0, 0], cuda)
-    nb, num_tensors = lay.num_blocks, len(SIZES)
+    block_start = [0, 1, 2, 4, 72]
+    nb, num_tensors = block_start[-1], len(block_start) - 1
     table = torch.randn(3, nb + 11, generator=gen).to(cuda)
     values = table[:, :nb]  # a row view: row stride nb + 11
     out = torch.full((3, num_tensors + 5), -9.0, device=cuda)
-    cuda_backend.tensor_reduce(values, lay.tensor_block_start, (0, 1, 2), out, 2)
+    starts = torch.tensor(block_start, dtype=torch.int32, device=cuda)
+    cuda_backend.tensor_reduce(values, starts, (0, 1, 2), out, 2)
     expected = torch.full((3, num_tensors + 5), -9.0, dtype=torch.float64)
     v = values.double().cpu()
     for t in range(num_tensors):
-        seg = v[:, lay.block_start[t]:lay.block_start[t + 1]]
+        seg = v[:, block_start[t]:block_start[t + 1]]
         expected[0, 2 + t] = seg[0].sum()
         expected[1, 2 + t] = seg[1].min()
         expected[2, 2 + t] = seg[2].max()
@@ -438,15 +736,17 @@ def test_tensor_reduce(cuda):
 
 def run_finalize(cuda, sums, groups, steps, *, scale=None, tracker=None, found_inf_in=None,
                  max_grad_norm=0.0, growth_interval=3, update_scale=True, skipped=0.0):
+    table = torch.zeros(layout.TABLE_ROWS, len(groups), dtype=torch.int64)
+    table[layout.GROUP] = torch.tensor(groups)
     state = SimpleNamespace(
-        sums=sums.to(cuda), group=torch.tensor(groups, dtype=torch.int32, device=cuda),
+        sums=sums.to(cuda), table=table.to(cuda),
         step=torch.tensor(steps, dtype=torch.float32, device=cuda),
-        globals=torch.zeros(8, device=cuda),
+        globals=torch.zeros(layout.GLOBAL_SLOTS, device=cuda),
         scale=None if scale is None else torch.tensor([scale], device=cuda),
         tracker=None if tracker is None else torch.tensor([tracker], dtype=torch.int32, device=cuda),
         found_in=None if found_inf_in is None else torch.tensor([found_inf_in], device=cuda))
-    state.globals[flat.SKIPPED_STEPS] = skipped
-    cuda_backend.finalize(state.sums, state.group, state.step, state.globals, state.scale,
+    state.globals[layout.SKIPPED_STEPS] = skipped
+    cuda_backend.finalize(state.sums, state.table, state.step, state.globals, state.scale,
                           state.tracker, state.found_in, max_grad_norm, 2.0, 0.5, growth_interval,
                           update_scale)
     return state
@@ -469,20 +769,20 @@ def test_finalize_clean_step_with_scaler_and_clipping(cuda):
                          max_grad_norm=1.0, growth_interval=3, skipped=2.0)
     norm, clip = expected_norm_and_clip(sums, 1.0)
     g = state.globals.cpu()
-    assert g[flat.GRAD_NORM].item() == pytest.approx(norm, rel=1e-6)
-    assert g[flat.CLIP_COEF].item() == pytest.approx(clip, rel=1e-6)
-    assert g[flat.FOUND_INF].item() == 0.0
-    assert g[flat.INV_SCALE].item() == 1 / 256
-    assert g[flat.SKIPPED_STEPS].item() == 2.0
+    assert g[layout.GRAD_NORM].item() == pytest.approx(norm, rel=1e-6)
+    assert g[layout.CLIP_COEF].item() == pytest.approx(clip, rel=1e-6)
+    assert g[layout.FOUND_INF].item() == 0.0
+    assert g[layout.INV_SCALE].item() == 1 / 256
+    assert g[layout.SKIPPED_STEPS].item() == 2.0
     assert state.step.tolist() == [1, 5, 9, 3, 1]  # the skipped tensor (group -1) keeps its step
     assert state.tracker.item() == 2 and state.scale.item() == 256.0
-    assert g[flat.SCALE].item() == 256.0
+    assert g[layout.SCALE].item() == 256.0
     # The next clean step reaches growth_interval: the scale doubles and the tracker resets.
-    cuda_backend.finalize(state.sums, state.group, state.step, state.globals, state.scale,
+    cuda_backend.finalize(state.sums, state.table, state.step, state.globals, state.scale,
                           state.tracker, None, 1.0, 2.0, 0.5, 3, True)
     assert state.tracker.item() == 0 and state.scale.item() == 512.0
-    assert state.globals[flat.SCALE].item() == 512.0
-    assert state.globals[flat.INV_SCALE].item() == 1 / 256  # this step's grads carried 256
+    assert state.globals[layout.SCALE].item() == 512.0
+    assert state.globals[layout.INV_SCALE].item() == 1 / 256  # this step's grads carried 256
 
 
 @pytest.mark.gpu
@@ -496,13 +796,13 @@ def test_finalize_found_inf(cuda, source):
                          found_inf_in=1.0 if source == "external" else 0.0, max_grad_norm=0.0,
                          growth_interval=6, skipped=4.0)
     g = state.globals.cpu()
-    assert g[flat.FOUND_INF].item() == 1.0
-    assert g[flat.SKIPPED_STEPS].item() == 5.0
-    assert g[flat.CLIP_COEF].item() == 1.0
-    assert g[flat.INV_SCALE].item() == 1 / 1024
+    assert g[layout.FOUND_INF].item() == 1.0
+    assert g[layout.SKIPPED_STEPS].item() == 5.0
+    assert g[layout.CLIP_COEF].item() == 1.0
+    assert g[layout.INV_SCALE].item() == 1 / 1024
     assert state.step.tolist() == [3, 3, 1, 0]
     assert state.scale.item() == 512.0 and state.tracker.item() == 0
-    assert g[flat.SCALE].item() == 512.0
+    assert g[layout.SCALE].item() == 512.0
 
 
 @pytest.mark.gpu
@@ -511,104 +811,15 @@ def test_finalize_without_scaler_and_without_scale_update(cuda):
     state = run_finalize(cuda, sums, [0, 0], [0, 0], max_grad_norm=0.5)
     g = state.globals.cpu()
     norm, clip = expected_norm_and_clip(sums, 0.5)
-    assert g[flat.GRAD_NORM].item() == pytest.approx(3.0, rel=1e-7)
-    assert g[flat.CLIP_COEF].item() == pytest.approx(clip, rel=1e-6)
-    assert g[flat.INV_SCALE].item() == 1.0 and g[flat.SCALE].item() == 1.0
+    assert g[layout.GRAD_NORM].item() == pytest.approx(3.0, rel=1e-7)
+    assert g[layout.CLIP_COEF].item() == pytest.approx(clip, rel=1e-6)
+    assert g[layout.INV_SCALE].item() == 1.0 and g[layout.SCALE].item() == 1.0
     assert state.step.tolist() == [1, 1]
     # update_scale=False (torch.amp.GradScaler owns the scale): read it, change nothing.
     state = run_finalize(cuda, sums, [0, 0], [0, 0], scale=64.0, tracker=None, update_scale=False)
     assert state.scale.item() == 64.0
-    assert state.globals[flat.INV_SCALE].item() == 1 / 64
-    assert state.globals[flat.SCALE].item() == 64.0
-
-
-# The update: configurations of hyper rows (two groups) per optimizer.
-CONFIGS = {
-    "adam": [dict(lr=1e-2, max_lr=2e-2, weight_decay=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
-                  corrected=1.0),
-             dict(lr=3e-3, max_lr=3e-3, weight_decay=0.0, beta1=0.8, beta2=0.99, eps=1e-6,
-                  corrected=0.0)],
-    "sgd_momentum": [dict(lr=1e-2, max_lr=4e-2, weight_decay=0.01, momentum=0.9, dampening=0.1,
-                          corrected=1.0),
-                     dict(lr=5e-3, max_lr=5e-3, weight_decay=0.0, momentum=0.5, nesterov=1.0)],
-    "sgd_plain": [dict(lr=1e-2, max_lr=1e-2, weight_decay=0.1),
-                  dict(lr=2e-2, max_lr=2e-2, weight_decay=0.0)],
-}
-COLUMNS = ("lr", "max_lr", "weight_decay", "beta1", "beta2", "eps", "momentum", "dampening",
-           "corrected", "nesterov")
-INV_SCALE, CLIP = 1 / 512, 0.7  # written to globals (CLIP rounds to fp32 there)
-
-
-class UpdateCase:
-    """Inputs of one update launch on SIZES: groups [0, 1, -1, 0] (tensor 2 skipped), steps
-    [3, 1, 0, 7] (as finalize leaves them; t = 1 initialises the SGD buffer), loss-scaled grads."""
-
-    def __init__(self, config, dtype, device, *, seed=4, steps=(3, 1, 0, 7)):
-        gen = torch.Generator().manual_seed(seed)
-        self.optimizer = "adam" if config == "adam" else "sgd"
-        self.rows = CONFIGS[config]
-        self.dtype = dtype
-        self.lay = lay = Layout(SIZES, [0, 1, -1, 0], device)
-        self.param = lay.flat([randn(n, gen) for n in SIZES], dtype, device)
-        self.grad = lay.flat([randn(n, gen, 512.0) for n in SIZES], dtype, device)
-        self.m = lay.flat([randn(n, gen, 0.1) for n in SIZES], torch.float32, device)
-        self.v = (lay.flat([torch.rand(n, generator=gen) * 1e-3 for n in SIZES], torch.float32,
-                           device) if self.optimizer == "adam" else None)
-        self.step = torch.tensor(steps, dtype=torch.float32, device=device)
-        self.hyper = torch.tensor([[row.get(c, 0.0) for c in COLUMNS] for row in self.rows],
-                                  dtype=torch.float32, device=device)
-        self.globals = torch.zeros(8, device=device)
-        self.globals[flat.INV_SCALE] = INV_SCALE
-        self.globals[flat.CLIP_COEF] = CLIP
-        self.device = device
-
-    def state(self):
-        return [x.clone() for x in (self.param, self.m, self.v) if x is not None]
-
-    def run(self, stats):
-        rows = 6 if self.optimizer == "adam" else 3
-        partials = torch.full((rows, self.lay.num_blocks), -5.0, device=self.device) if stats else None
-        cuda_backend.update(self.optimizer, self.param, self.grad, self.m, self.v,
-                            self.lay.block_tensor, self.lay.tensor_end, self.lay.tensor_group,
-                            self.step, self.hyper, self.globals, partials)
-        return partials
-
-    def unscaled_grad(self, sl):
-        """(grad * INV_SCALE) * CLIP_COEF in fp32, the kernel's two multiplies on the same values."""
-        inv_scale, clip = self.globals[flat.INV_SCALE].item(), self.globals[flat.CLIP_COEF].item()
-        return (self.grad[sl].float() * inv_scale) * clip
-
-    def hyper_of(self, t):
-        """The group's row as Python floats of the stored fp32 values (what the kernel reads)."""
-        row = self.hyper[self.lay.groups[t]].tolist()
-        return dict(zip(COLUMNS, row))
-
-    def reference(self, before):
-        """Expected param/m/v after the step: fusedopt.reference per tensor, fp32 math."""
-        param, m = before[0].float().clone(), before[1].clone()
-        v = before[2].clone() if self.optimizer == "adam" else None
-        for t in range(len(SIZES)):
-            if self.lay.groups[t] < 0:
-                continue
-            h = self.hyper_of(t)
-            sl = slice(self.lay.starts[t], self.lay.ends[t])
-            g = self.unscaled_grad(sl)
-            k = h["lr"] / h["max_lr"] if h["corrected"] else 1.0
-            step = int(self.step[t].item())
-            if self.optimizer == "adam":
-                adam_reference(param[sl], g, m[sl], v[sl], step=step, lr=h["lr"],
-                               beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"],
-                               weight_decay=h["weight_decay"], decay_multiplier=k)
-            else:
-                sgd_reference(param[sl], g, m[sl], step=step, lr=h["lr"], momentum=h["momentum"],
-                              dampening=h["dampening"], weight_decay=h["weight_decay"],
-                              nesterov=bool(h["nesterov"]), decay_multiplier=k)
-        return [param.to(self.dtype), m] + ([v] if v is not None else [])
-
-
-def assert_same_bits(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert state.globals[layout.INV_SCALE].item() == 1 / 64
+    assert state.globals[layout.SCALE].item() == 64.0
 
 
 @pytest.mark.gpu
@@ -616,142 +827,109 @@ def assert_same_bits(a, b):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_update(cuda, config, dtype, stats):
-    case = UpdateCase(config, dtype, cuda)
-    before = case.state()
-    partials = case.run(stats)
-    after = case.state()
-    expected = case.reference(before)
-    lay = case.lay
-    for name, ours, ref, orig in zip(("param", "moment1", "moment2"), after, expected, before):
-        valid = lay.valid()
-        tol = TOLERANCE[dtype] if name == "param" else TOLERANCE[torch.float32]
-        torch.testing.assert_close(ours[valid].float(), ref[valid].float(), **tol, msg=name)
-        # Padding and the skipped tensor (group -1) are left exactly as they were.
-        untouched = ~valid
-        untouched[lay.starts[2]:lay.ends[2]] = True
-        assert_same_bits(ours[untouched], orig[untouched])
-    if config == "sgd_plain":
-        assert_same_bits(after[1], before[1])  # momentum 0: the buffer is not touched
-    if stats:
-        assert_partials(case, before, after, partials, found_inf=False)
-
-
-def assert_partials(case, before, after, partials, *, found_inf):
-    """Per-block statistics against sums over the kernel's own stored outputs (the outputs
-    themselves are checked against the reference separately)."""
-    lay, adam = case.lay, case.optimizer == "adam"
-    p_old, p_new, m_new = before[0].float(), after[0].float(), after[1]
-    got = partials.cpu().double()
-    for b, t in enumerate(tensor_of_blocks(lay)):
-        column = got[:, b]
-        if lay.groups[t] < 0:
-            neutral = [0, 0, math.inf, -math.inf, 0, 0] if adam else [0, 0, 0]
-            assert column.tolist() == neutral, f"block {b}"
-            continue
-        s, e = lay.block_range(b, t)
-        h = case.hyper_of(t)
-        exp = [p_new[s:e].double().square().sum(), (p_new[s:e] - p_old[s:e]).double().square().sum()]
-        if adam:
-            step = case.step[t].item()
-            bc2 = torch.tensor(1 - h["beta2"] ** step if step > 0 else 1.0, dtype=torch.float32)
-            vhat = after[2][s:e] / bc2.to(case.device)
-            g = case.unscaled_grad(slice(s, e))
-            decreased = 0 if found_inf else (g * g < before[2][s:e]).sum().item()
-            exp += [vhat.min(), vhat.max(), vhat.double().sum(), decreased]
-        else:
-            exp.append(m_new[s:e].double().square().sum() if h["momentum"] != 0 else 0.0)
-        exp = torch.tensor([float(x) for x in exp], dtype=torch.float64)
-        if found_inf:
-            assert column[1].item() == 0.0, f"block {b}: a skipped step has no update"
-        torch.testing.assert_close(column, exp, rtol=1e-5, atol=1e-30, msg=f"block {b}")
+    algorithm, rows = CONFIGS[config]
+    seg = Segment(cuda, dtype, algorithm=algorithm, seed=4)
+    hyper = seg.hyper_table(rows)
+    before = seg.snapshot()
+    partials = seg.run_update(hyper, stats)
+    check_update(seg, hyper, before, partials, found_inf=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", ["adam", "sgd_momentum"])
-def test_update_found_inf_changes_nothing(cuda, config, dtype, stats):
-    # Step 0 for tensor 0: a skipped very first step reports v-hat without bias correction.
-    case = UpdateCase(config, dtype, cuda, steps=(0, 1, 0, 7))
-    case.grad[case.lay.starts[3] + 10] = float("nan")
-    case.grad[case.lay.starts[0]] = float("inf")
-    case.globals[flat.FOUND_INF] = 1.0
-    before = case.state()
-    partials = case.run(stats)
-    for ours, orig in zip(case.state(), before):
-        assert_same_bits(ours, orig)
-    if stats:
-        assert_partials(case, before, case.state(), partials, found_inf=True)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_update_found_inf_writes_nothing(cuda, config, dtype, stats):
+    # Step 0 for tensor 1: a skipped very first step reports v-hat without bias correction.
+    algorithm, rows = CONFIGS[config]
+    seg = Segment(cuda, dtype, algorithm=algorithm, seed=5, steps=(4, 0) + STEPS[2:])
+    memory_order(seg.grads[6])[10] = float("nan")
+    memory_order(seg.grads[1])[0] = float("inf")
+    seg.globals[layout.FOUND_INF] = 1.0
+    hyper = seg.hyper_table(rows)
+    before = seg.snapshot()
+    partials = seg.run_update(hyper, stats)
+    check_update(seg, hyper, before, partials, found_inf=True)
 
 
-def run_full_step(device, dtype, seed):
-    """grad_norm -> tensor_reduce -> finalize -> update (Adam, stats) -> tensor_reduce."""
-    case = UpdateCase("adam", dtype, device, seed=seed)
-    lay = case.lay
-    block_sums = torch.empty(2, lay.num_blocks, device=device)
-    tensor_sums = torch.empty(2, len(SIZES), device=device)
+def run_full_step(device, dtype, algorithm, seed):
+    """grad_norm -> tensor_reduce -> finalize -> update (with statistics) -> tensor_reduce."""
+    seg = Segment(device, dtype, algorithm=algorithm, seed=seed, steps=(0,) * len(TENSORS))
+    hyper = seg.hyper_table(CONFIGS[algorithm][1])
+    block_sums = torch.empty(2, seg.num_blocks, device=device)
+    tensor_sums = torch.zeros(2, len(TENSORS), device=device)
     scale = torch.tensor([512.0], device=device)
     tracker = torch.zeros(1, dtype=torch.int32, device=device)
-    cuda_backend.grad_norm(case.grad, lay.block_tensor, lay.tensor_end, lay.tensor_group, scale,
-                           block_sums)
-    cuda_backend.tensor_reduce(block_sums, lay.tensor_block_start, flat.GRAD_SUM_OPS, tensor_sums, 0)
-    cuda_backend.finalize(tensor_sums, lay.tensor_group, case.step, case.globals, scale, tracker,
-                          None, 1.0, 2.0, 0.5, 2000, True)
-    partials = case.run(stats=True)
-    stat_values = torch.empty(6, len(SIZES), device=device)
-    cuda_backend.tensor_reduce(partials, lay.tensor_block_start, flat.ADAM_STAT_OPS, stat_values, 0)
-    return case.state() + [block_sums, tensor_sums, case.globals, case.step, scale, tracker,
-                           partials, stat_values]
+    cuda_backend.grad_norm(dtype, seg.block_tensor, seg.table, scale, block_sums)
+    cuda_backend.tensor_reduce(block_sums, seg.tensor_block_start, layout.GRAD_SUM_OPS,
+                               tensor_sums, seg.tensor_offset)
+    cuda_backend.finalize(tensor_sums, seg.table, seg.step, seg.globals, scale, tracker, None, 1.0,
+                          2.0, 0.5, 2000, True)
+    partials = seg.run_update(hyper, stats=True)
+    stats = algorithm_module(algorithm).STATS
+    stat_values = torch.empty(len(stats), len(TENSORS), device=device)
+    cuda_backend.tensor_reduce(partials, seg.tensor_block_start, [op for _, op in stats],
+                               stat_values, seg.tensor_offset)
+    after = seg.snapshot()
+    return seg, after.params + after.states + [after.step, after.globals, block_sums,
+                                               tensor_sums, scale, tracker, partials,
+                                               stat_values[:, seg.tensor_offset:]]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_two_runs_are_bit_identical(cuda, dtype):
-    first = run_full_step(cuda, dtype, seed=5)
-    second = run_full_step(cuda, dtype, seed=5)
-    for a, b in zip(first, second):
-        assert_same_bits(a, b)
-    globals_ = first[-6].cpu()
-    assert globals_[flat.FOUND_INF].item() == 0.0
-    assert 0 < globals_[flat.CLIP_COEF].item() < 1  # max_grad_norm 1.0 clips these gradients
+@pytest.mark.parametrize("algorithm", layout.ALGORITHMS)
+def test_two_runs_are_bit_identical(cuda, algorithm, dtype):
+    seg, first = run_full_step(cuda, dtype, algorithm, seed=5)
+    _, second = run_full_step(cuda, dtype, algorithm, seed=5)
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert_same_bits(a, b, f"output {i}")
+    g = seg.globals.cpu()
+    assert g[layout.FOUND_INF].item() == 0.0
+    assert 0 < g[layout.CLIP_COEF].item() < 1  # max_grad_norm 1.0 clips these gradients
+    # The step counts finalize wrote: 1 where the tensor had a gradient.
+    assert seg.step.tolist() == [float(group >= 0) for group in seg.groups]
 
 
 @pytest.mark.gpu
 def test_update_beyond_2_31_elements(cuda):
-    """64-bit indexing: one bf16 tensor of 2^31 + 5 elements (Adam, ~26 GB with its moments)."""
+    """64-bit indexing: one bf16 tensor of 2^31 + 5 elements (AdamW, ~26 GB with its state)."""
     n = 2**31 + 5
     free, _ = torch.cuda.mem_get_info(cuda)
     if free < 32 * 2**30:
         pytest.skip(f"needs 32 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
-    lay = Layout([n], [0], cuda)
-    param = torch.empty(lay.numel, dtype=torch.bfloat16, device=cuda).normal_()
-    grad = torch.empty(lay.numel, dtype=torch.bfloat16, device=cuda).normal_()
-    m = torch.zeros(lay.numel, device=cuda)
-    v = torch.zeros(lay.numel, device=cuda)
-    hyper = torch.tensor([[1e-2, 1e-2, 0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 0]], device=cuda)
-    globals_ = torch.zeros(8, device=cuda)
-    globals_[flat.INV_SCALE] = 1.0
-    globals_[flat.CLIP_COEF] = 1.0
+    num_blocks = -(-n // BLOCK)
+    param = torch.empty(n, dtype=torch.bfloat16, device=cuda).normal_()
+    grad = torch.empty(n, dtype=torch.bfloat16, device=cuda).normal_()
+    m = torch.zeros(num_blocks * BLOCK, device=cuda)
+    v = torch.zeros(num_blocks * BLOCK, device=cuda)
+    table = torch.tensor([[param.data_ptr()], [grad.data_ptr()], [0], [n], [0]], device=cuda)
+    block_tensor = torch.zeros(num_blocks, dtype=torch.int32, device=cuda)
+    h = dict(lr=1e-2, max_lr=1e-2, weight_decay=0.1, corrected=0.0, beta1=0.9, beta2=0.999,
+             eps=1e-8)
+    columns = layout.hyper_columns(algorithm_module("adamw").HYPER)
+    hyper = torch.zeros(1, layout.HYPER_COLUMNS)
+    for name, value in h.items():
+        hyper[0, columns[name]] = value
+    h = {name: hyper[0, column].item() for name, column in columns.items()}
+    globals_ = torch.zeros(layout.GLOBAL_SLOTS, device=cuda)
+    globals_[layout.INV_SCALE] = 1.0
+    globals_[layout.CLIP_COEF] = 1.0
     step = torch.ones(1, device=cuda)
-    block_sums = torch.empty(2, lay.num_blocks, device=cuda)
-    cuda_backend.grad_norm(grad, lay.block_tensor, lay.tensor_end, lay.tensor_group, None,
-                           block_sums)
-    last = lay.num_blocks - 1
-    tail = grad[last * BLOCK:n].float()
+    block_sums = torch.empty(2, num_blocks, device=cuda)
+    cuda_backend.grad_norm(torch.bfloat16, block_tensor, table, None, block_sums)
+    last = num_blocks - 1
+    tail = grad[last * BLOCK:].float()
     assert block_sums[0, last].item() == pytest.approx(tail.double().square().sum().item(), rel=1e-5)
-    head = slice(0, BLOCK)
-    end = slice(n - 3 * BLOCK, n)  # blocks past 2^31 elements, and the 5-element tail block
+    spans = {"head": slice(0, BLOCK), "end": slice(n - 3 * BLOCK, n)}  # past 2^31, and the tail
     expect = {}
-    for name, sl in (("head", head), ("end", end)):
-        p = param[sl].float().clone()
-        adam_reference(p, grad[sl].float(), torch.zeros_like(p), torch.zeros_like(p), step=1,
-                       lr=hyper[0, 0].item(), beta1=hyper[0, 3].item(), beta2=hyper[0, 4].item(),
-                       eps=hyper[0, 5].item(), weight_decay=hyper[0, 2].item())
+    for name, sl in spans.items():
+        zeros = torch.zeros(sl.stop - sl.start)
+        p, _ = expected_step("adamw", param[sl].float().cpu(), grad[sl].float().cpu(),
+                             [zeros, zeros], h, 1)
         expect[name] = p.to(torch.bfloat16)
-    cuda_backend.update("adam", param, grad, m, v, lay.block_tensor, lay.tensor_end,
-                        lay.tensor_group, step, hyper, globals_, None)
-    torch.testing.assert_close(param[head].float(), expect["head"].float(),
-                               **TOLERANCE[torch.bfloat16])
-    torch.testing.assert_close(param[end].float(), expect["end"].float(),
-                               **TOLERANCE[torch.bfloat16])
+    cuda_backend.update("adamw", torch.bfloat16, block_tensor, table, m, v, step, hyper.to(cuda),
+                        globals_, None)
+    for name, sl in spans.items():
+        assert_same_bits(param[sl].cpu(), expect[name], name)
     assert v[n - 1].item() > 0 and v[n].item() == 0.0  # the last element updated, padding not

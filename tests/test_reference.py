@@ -1,4 +1,4 @@
-"""The reference (backend="reference") against torch.optim, torch.amp.GradScaler and
+"""The reference (backend="reference") against torch.optim (and a plain PyTorch Lion), torch.amp.GradScaler and
 clip_grad_norm_, in float64 where the math is compared, and against hand-computed AdamC/SGDC."""
 import math
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt.reference import adam_reference, clip_coefficient, scaler_update_reference
+from cases import CASES
+from fusedopt.algorithms import adamw
+from fusedopt.engine.reference import clip_coefficient, scaler_update
 
 SHAPES = [(1,), (127,), (278011,), (33, 17)]
 STEPS = 32
@@ -29,34 +31,14 @@ def warmup_cosine(total, warmup=4):
     return factor
 
 
-def groups_for(params, kind, **overrides):
-    """Two groups with different lr and decay; the last param never gets a gradient."""
-    if kind == "adam":
-        groups = [{"params": params[:2], "lr": 1e-2, "weight_decay": 0.1},
-                  {"params": params[2:], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)}]
-    else:
-        groups = [{"params": params[:2], "lr": 1e-2, "weight_decay": 0.1, "momentum": 0.9},
-                  {"params": params[2:], "lr": 3e-3, "weight_decay": 0.0, "momentum": 0.5,
-                   "dampening": 0.1}]
-    return [dict(g, **overrides) for g in groups]
-
-
-def run_pair(kind, fused_kwargs=None, torch_kwargs=None, clip=None, steps=STEPS, **overrides):
-    """Drive a fusedopt optimizer and its torch counterpart on identical gradients."""
-    ours, theirs = make_params(), None
+def run_pair(case, clip=None, steps=STEPS, **overrides):
+    """Drive a fusedopt optimizer (reference backend) and its truth on identical gradients;
+    the last param never gets a gradient."""
+    ours = make_params()
     theirs = clone_params(ours)
-    fused_kwargs = fused_kwargs or {}
-    torch_kwargs = torch_kwargs or {}
-    if kind == "adam":
-        opt = fusedopt.AdamW(groups_for(ours, kind, **overrides), backend="reference",
-                             max_grad_norm=clip, **fused_kwargs)
-        ref = torch.optim.AdamW(groups_for(theirs, kind, **overrides), foreach=False,
-                                **torch_kwargs)
-    else:
-        opt = fusedopt.SGD(groups_for(ours, kind, **overrides), lr=1e-2, backend="reference",
-                           max_grad_norm=clip, **fused_kwargs)
-        ref = torch.optim.SGD(groups_for(theirs, kind, **overrides), lr=1e-2, foreach=False,
-                              **torch_kwargs)
+    opt = case.fused([dict(g, **overrides) for g in case.groups(ours)], backend="reference",
+                     max_grad_norm=clip, **case.defaults)
+    ref = case.truth([dict(g, **overrides) for g in case.groups(theirs)])
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(steps)) for o in (opt, ref)]
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -72,29 +54,47 @@ def run_pair(kind, fused_kwargs=None, torch_kwargs=None, clip=None, steps=STEPS,
     return ours, theirs, opt, ref
 
 
-@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("clip", [None, 5.0])
-def test_matches_torch_optim_float64(kind, clip):
-    ours, theirs, opt, ref = run_pair(kind, clip=clip)
+def test_matches_truth_float64(case, clip):
+    ours, theirs, opt, ref = run_pair(case, clip=clip)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
     # The param without a gradient is untouched and has no step, as in torch.
     assert torch.equal(ours[-1], make_params()[-1])
     assert float(opt.state[ours[-1]]["step"]) == 0
     for a, b in zip(ours[:-1], theirs[:-1]):
-        for name in opt.MOMENTS:
+        for name in opt.algorithm.STATE:
             torch.testing.assert_close(opt.state[a][name], ref.state[b][name], atol=1e-12,
                                        rtol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["adam", "sgd"])
-def test_nesterov_and_eps_match_torch(kind):
-    if kind == "sgd":
-        ours, theirs, *_ = run_pair(kind, nesterov=True, dampening=0.0)
-    else:
-        ours, theirs, *_ = run_pair(kind, eps=1e-6)
+@pytest.mark.parametrize("name,overrides", [("sgd", dict(nesterov=True, dampening=0.0)),
+                                            ("adamw", dict(eps=1e-6))])
+def test_nesterov_and_eps_match_torch(name, overrides):
+    ours, theirs, *_ = run_pair(CASES[name], **overrides)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_lion_first_step_moves_every_coordinate_by_lr():
+    """With a zero state and no decay, c = (1 - b1) * g: every coordinate moves by exactly lr
+    against the sign of its gradient, and zero gradients do not move."""
+    p = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    opt = fusedopt.Lion([p], lr=0.25, backend="reference")
+    p.grad = torch.tensor([3.0, -1e-9, 0.0], dtype=torch.float64)
+    opt.step()
+    assert p.detach().tolist() == [0.75, 1.25, 1.0]
+    torch.testing.assert_close(opt.state[p]["exp_avg"], 0.01 * p.grad)
+
+
+def test_lionc_decay_is_lr_squared_over_max_lr():
+    p = torch.full((2,), 2.0, dtype=torch.float64, requires_grad=True)
+    opt = fusedopt.LionC([p], lr=0.5, weight_decay=0.1, max_lr=2.0, backend="reference")
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((2,), 2.0 * (1 - 0.5 * 0.1 * 0.5 / 2.0),
+                                                      dtype=torch.float64))
 
 
 def test_adamc_decay_is_lr_squared_over_max_lr():
@@ -229,13 +229,17 @@ def test_stats_match_direct_computation():
 def test_reference_functions_in_isolation():
     p = torch.tensor([1.0], dtype=torch.float64)
     m, v = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    adam_reference(p, torch.tensor([2.0], dtype=torch.float64), m, v, step=1, lr=0.1,
-                   beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.0)
+    adamw.reference_update(p, torch.tensor([2.0], dtype=torch.float64),
+                           {"exp_avg": m, "exp_avg_sq": v}, step=1, lr=0.1, beta1=0.9,
+                           beta2=0.999, eps=0.0, weight_decay=0.0)
     # First Adam step without eps moves every coordinate by exactly lr * sign(g).
     assert p.item() == pytest.approx(0.9)
-    assert scaler_update_reference(8.0, 1, True, growth_factor=2, backoff_factor=0.5,
-                                   growth_interval=3) == (4.0, 0)
-    assert scaler_update_reference(8.0, 2, False, growth_factor=2, backoff_factor=0.5,
-                                   growth_interval=3) == (16.0, 0)
-    assert scaler_update_reference(8.0, 0, False, growth_factor=2, backoff_factor=0.5,
-                                   growth_interval=3) == (8.0, 1)
+    assert scaler_update(8.0, 1, True, growth_factor=2, backoff_factor=0.5,
+                         growth_interval=3) == (4.0, 0)
+    assert scaler_update(8.0, 2, False, growth_factor=2, backoff_factor=0.5,
+                         growth_interval=3) == (16.0, 0)
+    assert scaler_update(8.0, 0, False, growth_factor=2, backoff_factor=0.5,
+                         growth_interval=3) == (8.0, 1)
+    # As torch: a growth that overflows fp32 keeps the scale (and resets the tracker).
+    assert scaler_update(3e38, 2, False, growth_factor=2, backoff_factor=0.5,
+                         growth_interval=3) == (3e38, 0)

@@ -3,7 +3,7 @@
 The four launches of docs/kernel_contract.md, each a module with its kernel and launcher:
 grad_norm (read-only reduction over the gradients), tensor_reduce (per-tensor sums of per-block
 partials, fixed order), finalize (global norm, clip, found_inf, step counts, loss scale) and
-update (Adam or SGD, one kernel, with statistics partials).
+update (one traversal kernel; each algorithm's element math in algorithms/<name>.py).
 """
 from .finalize import finalize
 from .grad_norm import grad_norm

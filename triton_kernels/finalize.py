@@ -7,13 +7,13 @@ scale (torch._amp_update_scale_'s rule). Reads 8 B and writes 4 B per tensor: mi
 import triton
 import triton.language as tl
 
-from .layout import CLIP_COEF, FOUND_INF, GRAD_NORM, INV_SCALE, SCALE, SKIPPED_STEPS
+from .layout import CLIP_COEF, FOUND_INF, GRAD_NORM, GROUP, INV_SCALE, SCALE, SKIPPED_STEPS
 
 CHUNK = 1024
 
 
 @triton.jit
-def finalize_kernel(sums_ptr, sums_stride, num_all, group_ptr, step_ptr, num_local, globals_ptr,
+def finalize_kernel(sums_ptr, sums_stride, num_all, table_ptr, step_ptr, num_local, globals_ptr,
                     scale_ptr, tracker_ptr, found_in_ptr, max_grad_norm, growth_factor,
                     backoff_factor, growth_interval, HAS_SCALE: tl.constexpr,
                     UPDATE_SCALE: tl.constexpr, HAS_FOUND_IN: tl.constexpr,
@@ -35,7 +35,7 @@ def finalize_kernel(sums_ptr, sums_stride, num_all, group_ptr, step_ptr, num_loc
     for start in range(0, num_local, CHUNK):
         offsets = start + tl.arange(0, CHUNK)
         mask = offsets < num_local
-        active = tl.load(group_ptr + offsets, mask=mask, other=-1) >= 0
+        active = tl.load(table_ptr + GROUP * num_local + offsets, mask=mask, other=-1) >= 0
         step = tl.load(step_ptr + offsets, mask=mask, other=0.0)
         tl.store(step_ptr + offsets, tl.where(active, tl.where(found, step, step + 1.0), step), mask=mask)
     scale = 1.0
@@ -60,14 +60,14 @@ def finalize_kernel(sums_ptr, sums_stride, num_all, group_ptr, step_ptr, num_loc
     tl.store(globals_ptr + SCALE, scale)
 
 
-def finalize(tensor_sums, tensor_group, tensor_step, globals_, scale, growth_tracker,
+def finalize(tensor_sums, tensor_table, tensor_step, globals_, scale, growth_tracker,
              found_inf_in, max_grad_norm, growth_factor, backoff_factor, growth_interval,
              update_scale):
     """See docs/kernel_contract.md. max_grad_norm <= 0 means no clipping."""
     dummy = globals_
     finalize_kernel[(1,)](
-        tensor_sums, tensor_sums.stride(0), tensor_sums.shape[1], tensor_group, tensor_step,
-        tensor_group.numel(), globals_, scale if scale is not None else dummy,
+        tensor_sums, tensor_sums.stride(0), tensor_sums.shape[1], tensor_table, tensor_step,
+        tensor_table.shape[1], globals_, scale if scale is not None else dummy,
         growth_tracker if growth_tracker is not None else dummy,
         found_inf_in if found_inf_in is not None else dummy, float(max_grad_norm),
         float(growth_factor), float(backoff_factor), int(growth_interval),

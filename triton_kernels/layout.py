@@ -1,29 +1,35 @@
-"""fusedopt.flat's table columns and globals slots as Triton constexprs.
+"""fusedopt.engine.layout's numbers as Triton constexprs.
 
-@triton.jit functions may read no module global that is not a constexpr, so the kernels take
-the layout's constants from here rather than from fusedopt.flat directly.
+@triton.jit functions may read no module global that is not a constexpr, so the kernels take the
+schema from here rather than from fusedopt.engine.layout directly.
 """
 import triton.language as tl
 
-from fusedopt import flat
+from fusedopt.engine import layout
 
-# Columns of the per-group hyperparameter table.
-LR = tl.constexpr(flat.LR)
-MAX_LR = tl.constexpr(flat.MAX_LR)
-WEIGHT_DECAY = tl.constexpr(flat.WEIGHT_DECAY)
-BETA1 = tl.constexpr(flat.BETA1)
-BETA2 = tl.constexpr(flat.BETA2)
-EPS = tl.constexpr(flat.EPS)
-MOMENTUM = tl.constexpr(flat.MOMENTUM)
-DAMPENING = tl.constexpr(flat.DAMPENING)
-CORRECTED = tl.constexpr(flat.CORRECTED)
-NESTEROV = tl.constexpr(flat.NESTEROV)
-HYPER_COLUMNS = tl.constexpr(flat.HYPER_COLUMNS)
+BLOCK = tl.constexpr(layout.BLOCK)
 
-# Slots of the per-device globals array.
-GRAD_NORM = tl.constexpr(flat.GRAD_NORM)
-CLIP_COEF = tl.constexpr(flat.CLIP_COEF)
-FOUND_INF = tl.constexpr(flat.FOUND_INF)
-INV_SCALE = tl.constexpr(flat.INV_SCALE)
-SKIPPED_STEPS = tl.constexpr(flat.SKIPPED_STEPS)
-SCALE = tl.constexpr(flat.SCALE)
+PARAM_ADDR = tl.constexpr(layout.PARAM_ADDR)
+GRAD_ADDR = tl.constexpr(layout.GRAD_ADDR)
+GROUP = tl.constexpr(layout.GROUP)
+NUMEL = tl.constexpr(layout.NUMEL)
+STATE_START = tl.constexpr(layout.STATE_START)
+
+LR = tl.constexpr(layout.LR)
+MAX_LR = tl.constexpr(layout.MAX_LR)
+WEIGHT_DECAY = tl.constexpr(layout.WEIGHT_DECAY)
+CORRECTED = tl.constexpr(layout.CORRECTED)
+FIRST_ALGORITHM_COLUMN = tl.constexpr(layout.FIRST_ALGORITHM_COLUMN)
+HYPER_COLUMNS = tl.constexpr(layout.HYPER_COLUMNS)
+
+GRAD_NORM = tl.constexpr(layout.GRAD_NORM)
+CLIP_COEF = tl.constexpr(layout.CLIP_COEF)
+FOUND_INF = tl.constexpr(layout.FOUND_INF)
+INV_SCALE = tl.constexpr(layout.INV_SCALE)
+SKIPPED_STEPS = tl.constexpr(layout.SKIPPED_STEPS)
+SCALE = tl.constexpr(layout.SCALE)
+
+
+def algorithm_column(algorithm_hyper, name):
+    """The table column of one of an algorithm's own hyperparameters, as a constexpr."""
+    return tl.constexpr(layout.hyper_columns(algorithm_hyper)[name])

@@ -1,26 +1,24 @@
 """The CUDA C++ backend: the four launches of docs/kernel_contract.md on fusedopt._C.
 
-Same functions and signatures as fusedopt.triton_kernels, so the optimizer switches backend by
+Same functions and signatures as fusedopt.triton_kernels, so the engine switches backend by
 module. Each function checks its tensors (dtype, shape, contiguity, one CUDA device; errors name
 the argument), then passes raw pointers, sizes, dtype codes, the device index and the device's
 current stream to the compiled module, which launches on that stream and never synchronizes
-(CUDA-graph capturable, like the Triton kernels).
+(CUDA-graph capturable, like the Triton kernels). Params and grads are not arguments: the kernels
+reach them through the addresses in the tensor table, which the engine fills and checks.
 
 fusedopt._C is imported on first use, so importing this module needs neither the extension nor
 a GPU. It is built by `pip install -e .` when nvcc is found (see setup.py).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
 
-from fusedopt import flat
-from fusedopt.flat import BLOCK
+from fusedopt.engine import layout
 
-NUM_GLOBALS = flat.GLOBAL_SLOTS
-NUM_HYPER = flat.HYPER_COLUMNS
-STAT_COLUMNS = {"adam": len(flat.ADAM_STAT_COLUMNS), "sgd": len(flat.SGD_STAT_COLUMNS)}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Storage dtype codes of csrc/launchers.h (fusedopt::Dtype).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -55,8 +53,23 @@ def is_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _check(name, tensor, dtypes, ndim, *, optional=False):
-    """Type, dtype, rank and layout of one tensor argument; returns it (or None if optional)."""
+def schema() -> dict:
+    """The schema numbers the kernels were compiled with (fusedopt._C.schema(); see
+    tests/test_schema.py, which compares them with fusedopt.engine.layout)."""
+    return _load().schema()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_algorithms(module) -> dict:
+    """{name: {"code", "hyper", "states", "stats", "stat_ops"}} of a loaded extension."""
+    return module.schema()["algorithms"]
+
+
+def _check(name, tensor, dtypes, ndim, *, optional=False, contiguous=False):
+    """Type, dtype, rank and layout of one tensor argument; returns it (or None if optional).
+
+    A 2-D table may be a row view (row stride >= its length) unless `contiguous`: the tensor
+    table and the hyper table are addressed with their row length as the row stride."""
     if tensor is None:
         if optional:
             return None
@@ -68,17 +81,17 @@ def _check(name, tensor, dtypes, ndim, *, optional=False):
         raise TypeError(f"{name} must have dtype {allowed}, got {str(tensor.dtype).replace('torch.', '')}")
     if tensor.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
-    # Rows of a 2-D table may be views with a larger row stride; elements within a row are dense
-    # and rows do not overlap.
-    if ndim == 1:
+    if ndim == 1 or contiguous:
         dense = tensor.is_contiguous()
     else:
         rows, length = tensor.shape
         dense = ((tensor.stride(1) == 1 or length <= 1)
                  and (rows <= 1 or tensor.stride(0) >= length))
     if not dense:
-        raise ValueError(f"{name} must be contiguous (stride 1 along its last dimension, rows "
-                         f"apart), got shape {tuple(tensor.shape)} and strides {tensor.stride()}")
+        rule = "contiguous" if ndim == 1 or contiguous else (
+            "contiguous (stride 1 along its last dimension, rows apart)")
+        raise ValueError(f"{name} must be {rule}, got shape {tuple(tensor.shape)} and strides "
+                         f"{tensor.stride()}")
     return tensor
 
 
@@ -117,40 +130,49 @@ def _ptr(tensor):
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def _num_blocks(name, tensor):
-    if tensor.numel() % BLOCK:
-        raise ValueError(f"{name} must hold a whole number of {BLOCK}-element blocks, "
-                         f"got {tensor.numel()} elements")
-    return tensor.numel() // BLOCK
+def _storage_dtype(dtype):
+    if dtype not in _DTYPE_CODES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return _DTYPE_CODES[dtype]
 
 
-def _layout(block_tensor, tensor_end, tensor_group, num_blocks):
+def _tensor_table(tensor_table):
+    """Checks the tensor table int64 [TABLE_ROWS, T] (contiguous); returns T."""
+    _check("tensor_table", tensor_table, (torch.int64,), 2, contiguous=True)
+    if tensor_table.shape[0] != layout.TABLE_ROWS:
+        raise ValueError(f"tensor_table must have shape ({layout.TABLE_ROWS}, T), got "
+                         f"{tuple(tensor_table.shape)}")
+    return tensor_table.shape[1]
+
+
+def _segment(block_tensor, tensor_table):
+    """Checks a segment's block_tensor and the device's tensor table; returns (B, T)."""
     _check("block_tensor", block_tensor, (torch.int32,), 1)
-    _shape("block_tensor", block_tensor, (num_blocks,))
-    _check("tensor_end", tensor_end, (torch.int64,), 1)
-    _check("tensor_group", tensor_group, (torch.int32,), 1)
-    _shape("tensor_group", tensor_group, tensor_end.shape)
+    num_tensors = _tensor_table(tensor_table)
+    num_blocks = block_tensor.numel()
+    if num_blocks and not num_tensors:
+        raise ValueError(f"tensor_table has no tensors, but block_tensor has {num_blocks} blocks")
+    return num_blocks, num_tensors
 
 
-def grad_norm(grad, block_tensor, tensor_end, tensor_group, scale, block_sums) -> None:
+def grad_norm(dtype, block_tensor, tensor_table, scale, block_sums) -> None:
     """block_sums[0, b] = sum of (grad / scale)^2 over block b (fp32), block_sums[1, b] = 1.0 if
-    any such value is inf/NaN. scale None means 1; skipped tensors (group -1) give 0, 0."""
+    any such value is inf/NaN, for the blocks of one segment whose grads (at the table's
+    GRAD_ADDR) have storage dtype `dtype`. scale None means 1; skipped tensors give 0, 0."""
     c = _load()
-    _check("grad", grad, KERNEL_DTYPES, 1)
-    num_blocks = _num_blocks("grad", grad)
-    _layout(block_tensor, tensor_end, tensor_group, num_blocks)
+    code = _storage_dtype(dtype)
+    num_blocks, num_tensors = _segment(block_tensor, tensor_table)
     _check("scale", scale, (torch.float32,), 1, optional=True)
     _shape("scale", scale, (1,))
     _check("block_sums", block_sums, (torch.float32,), 2)
     _shape("block_sums", block_sums, (2, num_blocks))
-    device = _device(grad=grad, block_tensor=block_tensor, tensor_end=tensor_end,
-                     tensor_group=tensor_group, scale=scale, block_sums=block_sums)
+    device = _device(block_tensor=block_tensor, tensor_table=tensor_table, scale=scale,
+                     block_sums=block_sums)
     index, stream = _launch_context(device)
-    c.grad_norm(grad=grad.data_ptr(), dtype=_DTYPE_CODES[grad.dtype], num_blocks=num_blocks,
-                block_tensor=block_tensor.data_ptr(), tensor_end=tensor_end.data_ptr(),
-                tensor_group=tensor_group.data_ptr(), scale=_ptr(scale),
-                block_sums=block_sums.data_ptr(), block_sums_stride=_row_stride(block_sums),
-                device=index, stream=stream)
+    c.grad_norm(dtype=code, block_tensor=block_tensor.data_ptr(), num_blocks=num_blocks,
+                tensor_table=tensor_table.data_ptr(), num_tensors=num_tensors,
+                scale=_ptr(scale), block_sums=block_sums.data_ptr(),
+                block_sums_stride=_row_stride(block_sums), device=index, stream=stream)
 
 
 def tensor_reduce(block_values, tensor_block_start, ops, out, tensor_offset) -> None:
@@ -163,7 +185,7 @@ def tensor_reduce(block_values, tensor_block_start, ops, out, tensor_offset) -> 
     if len(ops) != block_values.shape[0]:
         raise ValueError(f"ops must have one entry per row of block_values ({block_values.shape[0]}), "
                          f"got {len(ops)}")
-    if any(op not in (0, 1, 2) for op in ops):
+    if any(op not in (layout.OP_SUM, layout.OP_MIN, layout.OP_MAX) for op in ops):
         raise ValueError(f"ops must be 0 (sum), 1 (min) or 2 (max), got {ops}")
     _check("out", out, (torch.float32,), 2)
     if out.shape[0] != len(ops):
@@ -183,20 +205,21 @@ def tensor_reduce(block_values, tensor_block_start, ops, out, tensor_offset) -> 
                     tensor_offset=tensor_offset, device=index, stream=stream)
 
 
-def finalize(tensor_sums, tensor_group, tensor_step, globals_, scale, growth_tracker, found_inf_in,
+def finalize(tensor_sums, tensor_table, tensor_step, globals_, scale, growth_tracker, found_inf_in,
              max_grad_norm, growth_factor, backoff_factor, growth_interval, update_scale) -> None:
-    """Global norm, clip coefficient, found_inf, step counts, skipped steps and loss scale into
-    globals_ (see the contract). max_grad_norm <= 0: no clipping. update_scale False: scale is
-    read (INV_SCALE) but scale and growth_tracker are left as they are."""
+    """Global norm, clip coefficient, found_inf, step counts (tensors with GROUP >= 0), skipped
+    steps and loss scale into globals_ (see the contract). tensor_sums may hold more columns than
+    the table has tensors (every device's). max_grad_norm <= 0: no clipping. update_scale False:
+    scale is read (INV_SCALE) but scale and growth_tracker are left as they are."""
     c = _load()
     _check("tensor_sums", tensor_sums, (torch.float32,), 2)
     if tensor_sums.shape[0] != 2:
         raise ValueError(f"tensor_sums must have shape (2, T), got {tuple(tensor_sums.shape)}")
-    _check("tensor_group", tensor_group, (torch.int32,), 1)
+    num_tensors = _tensor_table(tensor_table)
     _check("tensor_step", tensor_step, (torch.float32,), 1)
-    _shape("tensor_step", tensor_step, tensor_group.shape)
+    _shape("tensor_step", tensor_step, (num_tensors,))
     _check("globals_", globals_, (torch.float32,), 1)
-    _shape("globals_", globals_, (NUM_GLOBALS,))
+    _shape("globals_", globals_, (layout.GLOBAL_SLOTS,))
     _check("scale", scale, (torch.float32,), 1, optional=True)
     _shape("scale", scale, (1,))
     _check("growth_tracker", growth_tracker, (torch.int32,), 1, optional=True)
@@ -208,13 +231,13 @@ def finalize(tensor_sums, tensor_group, tensor_step, globals_, scale, growth_tra
         raise ValueError("growth_tracker is required when update_scale is True and scale is given")
     if update_scale and int(growth_interval) < 1:
         raise ValueError(f"growth_interval must be >= 1, got {growth_interval}")
-    device = _device(tensor_sums=tensor_sums, tensor_group=tensor_group, tensor_step=tensor_step,
+    device = _device(tensor_sums=tensor_sums, tensor_table=tensor_table, tensor_step=tensor_step,
                      globals_=globals_, scale=scale, growth_tracker=growth_tracker,
                      found_inf_in=found_inf_in)
     index, stream = _launch_context(device)
     c.finalize(tensor_sums=tensor_sums.data_ptr(), sums_stride=_row_stride(tensor_sums),
-               num_tensors_all=tensor_sums.shape[1], tensor_group=tensor_group.data_ptr(),
-               tensor_step=tensor_step.data_ptr(), num_tensors_dev=tensor_group.numel(),
+               num_tensors_all=tensor_sums.shape[1], tensor_table=tensor_table.data_ptr(),
+               tensor_step=tensor_step.data_ptr(), num_tensors_dev=num_tensors,
                globals=globals_.data_ptr(), scale=_ptr(scale),
                growth_tracker=_ptr(growth_tracker) if update_scale else 0,
                found_inf_in=_ptr(found_inf_in), max_grad_norm=float(max_grad_norm),
@@ -223,48 +246,49 @@ def finalize(tensor_sums, tensor_group, tensor_step, globals_, scale, growth_tra
                stream=stream)
 
 
-def update(optimizer, param, grad, moment1, moment2, block_tensor, tensor_end, tensor_group,
-           tensor_step, hyper, globals_, stats_partials) -> None:
-    """One Adam ("adam") or SGD ("sgd") step over a flat buffer (see the contract); moment1 is
-    exp_avg / momentum_buffer, moment2 exp_avg_sq (Adam) or None (SGD). stats_partials, if
-    given, receives the per-block statistics partials (6 rows for Adam, 3 for SGD)."""
+def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_step, hyper,
+           globals_, stats_partials) -> None:
+    """One step of `algorithm` (a name of layout.ALGORITHMS) over the blocks of one segment whose
+    params and grads (at the table's addresses) have storage dtype `dtype`. state1, state2: the
+    algorithm's state buffers in declaration order, float32 [B * BLOCK] (state2 None for a
+    one-state algorithm). stats_partials, if given, float32 [C, B] receives the per-block
+    statistics partials (C = the algorithm's statistics columns)."""
     c = _load()
-    if optimizer not in STAT_COLUMNS:
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    adam = optimizer == "adam"
-    _check("param", param, KERNEL_DTYPES, 1)
-    num_blocks = _num_blocks("param", param)
-    _check("grad", grad, (param.dtype,), 1)
-    _shape("grad", grad, param.shape)
-    _check("moment1", moment1, (torch.float32,), 1)
-    _shape("moment1", moment1, param.shape)
-    if adam:
-        _check("moment2", moment2, (torch.float32,), 1)
-        _shape("moment2", moment2, param.shape)
-    elif moment2 is not None:
-        raise ValueError("moment2 must be None for optimizer 'sgd'")
-    _layout(block_tensor, tensor_end, tensor_group, num_blocks)
+    if algorithm not in layout.ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(map(repr, layout.ALGORITHMS))}, "
+                         f"got {algorithm!r}")
+    compiled = _compiled_algorithms(c)
+    if algorithm not in compiled:
+        raise ValueError(f"algorithm {algorithm!r} is not in the built fusedopt._C (it has "
+                         f"{', '.join(map(repr, compiled))}): rebuild it with `pip install -e .`")
+    states, stats = compiled[algorithm]["states"], compiled[algorithm]["stats"]
+    code = _storage_dtype(dtype)
+    num_blocks, num_tensors = _segment(block_tensor, tensor_table)
+    _check("state1", state1, (torch.float32,), 1)
+    _shape("state1", state1, (num_blocks * layout.BLOCK,))
+    if states == 2:
+        _check("state2", state2, (torch.float32,), 1)
+        _shape("state2", state2, (num_blocks * layout.BLOCK,))
+    elif state2 is not None:
+        raise ValueError(f"state2 must be None for algorithm {algorithm!r} (one state buffer)")
     _check("tensor_step", tensor_step, (torch.float32,), 1)
-    _shape("tensor_step", tensor_step, tensor_group.shape)
-    _check("hyper", hyper, (torch.float32,), 2)
-    if hyper.shape[1] != NUM_HYPER or not hyper.is_contiguous():
-        raise ValueError(f"hyper must be a contiguous (G, {NUM_HYPER}) table, got shape "
-                         f"{tuple(hyper.shape)} and strides {hyper.stride()}")
+    _shape("tensor_step", tensor_step, (num_tensors,))
+    _check("hyper", hyper, (torch.float32,), 2, contiguous=True)
+    if hyper.shape[1] != layout.HYPER_COLUMNS or (num_blocks and not hyper.shape[0]):
+        raise ValueError(f"hyper must have shape (G, {layout.HYPER_COLUMNS}) with G >= 1, got "
+                         f"{tuple(hyper.shape)}")
     _check("globals_", globals_, (torch.float32,), 1)
-    _shape("globals_", globals_, (NUM_GLOBALS,))
+    _shape("globals_", globals_, (layout.GLOBAL_SLOTS,))
     _check("stats_partials", stats_partials, (torch.float32,), 2, optional=True)
-    _shape("stats_partials", stats_partials, (STAT_COLUMNS[optimizer], num_blocks))
-    device = _device(param=param, grad=grad, moment1=moment1, moment2=moment2,
-                     block_tensor=block_tensor, tensor_end=tensor_end, tensor_group=tensor_group,
-                     tensor_step=tensor_step, hyper=hyper, globals_=globals_,
+    _shape("stats_partials", stats_partials, (stats, num_blocks))
+    device = _device(block_tensor=block_tensor, tensor_table=tensor_table, state1=state1,
+                     state2=state2, tensor_step=tensor_step, hyper=hyper, globals_=globals_,
                      stats_partials=stats_partials)
     index, stream = _launch_context(device)
-    c.update(optimizer=optimizer, param=param.data_ptr(), grad=grad.data_ptr(),
-             dtype=_DTYPE_CODES[param.dtype], moment1=moment1.data_ptr(), moment2=_ptr(moment2),
-             num_blocks=num_blocks, block_tensor=block_tensor.data_ptr(),
-             tensor_end=tensor_end.data_ptr(), tensor_group=tensor_group.data_ptr(),
-             tensor_step=tensor_step.data_ptr(), hyper=hyper.data_ptr(),
-             globals=globals_.data_ptr(),
+    c.update(algorithm=algorithm, dtype=code, block_tensor=block_tensor.data_ptr(),
+             num_blocks=num_blocks, tensor_table=tensor_table.data_ptr(), num_tensors=num_tensors,
+             state1=state1.data_ptr(), state2=_ptr(state2), tensor_step=tensor_step.data_ptr(),
+             hyper=hyper.data_ptr(), globals=globals_.data_ptr(),
              stats_partials=_ptr(stats_partials),
              stats_stride=_row_stride(stats_partials) if stats_partials is not None else 0,
              device=index, stream=stream)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedopt.engine.step import ScaleInputs
 from fusedopt.optimizer import FusedOptimizer
 
 
@@ -62,9 +63,7 @@ class GradScaler:
         raise TypeError(f"outputs must be a tensor or a list/tuple of tensors, got {type(outputs)}")
 
     def _check_optimizer(self, optimizer, verb):
-        # Imported here: fusedopt.distributed imports this module's package at load time.
-        from fusedopt.distributed import ShardedOptimizer
-        if not isinstance(optimizer, (FusedOptimizer, ShardedOptimizer)):
+        if not isinstance(optimizer, FusedOptimizer):
             raise TypeError(f"optimizer: fusedopt.GradScaler.{verb} takes a fusedopt optimizer, got "
                             f"{type(optimizer).__name__}; use torch.amp.GradScaler for torch optimizers")
         if self._scale is None:
@@ -81,15 +80,26 @@ class GradScaler:
         self._check_optimizer(optimizer, "unscale_")
         if optimizer in self._unscaled:
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update()")
+        grads = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.setdefault(p.grad.device, []).append(p.grad)
         with torch.no_grad():
-            for ds in optimizer._devices.values():
-                inv_scale = self._scale.to(ds.device, non_blocking=True).reciprocal()
-                for buf in ds.buffers:
-                    buf.grad.mul_(inv_scale)
+            for device, device_grads in grads.items():
+                # torch.amp.GradScaler's reciprocal: scale.double().reciprocal().float().
+                inv_scale = self._scale.double().reciprocal().float().to(device, non_blocking=True).reshape(())
+                torch._foreach_mul_(device_grads, inv_scale)
         self._unscaled.add(optimizer)
 
-    def _consume_unscaled(self, optimizer):
-        return optimizer in self._unscaled
+    def step_inputs(self, optimizer):
+        """The handshake a fusedopt optimizer's step takes (`opt.step(loss_scale=...)`): the
+        scale to unscale by and to update in place, the growth tracker and the growth rule."""
+        return ScaleInputs(scale=self._scale, growth_tracker=self._growth_tracker,
+                           updates_scale=True, already_unscaled=optimizer in self._unscaled,
+                           growth_factor=self._growth_factor,
+                           backoff_factor=self._backoff_factor,
+                           growth_interval=self._growth_interval)
 
     def step(self, optimizer, *args, **kwargs):
         """The fused step: unscale, inf check (skip), clip, update and the scale update."""
@@ -100,11 +110,7 @@ class GradScaler:
             raise RuntimeError("fusedopt.GradScaler drives one optimizer step per update(): "
                                "call scaler.update() after each scaler.step(), and put all "
                                "params into one optimizer's param groups")
-        optimizer._fusedopt_scaler = self
-        try:
-            result = optimizer.step(*args, **kwargs)
-        finally:
-            del optimizer._fusedopt_scaler
+        result = optimizer.step(*args, loss_scale=self.step_inputs(optimizer), **kwargs)
         self._stepped.add(optimizer)
         return result
 

@@ -1,24 +1,21 @@
 """StepStats: the statistics of one fused step, as device tensors until someone reads them.
 
 Per tensor: grad_norm (unscaled, before clipping), weight_norm (after the step), update_norm
-(||p_new - p_old||) and, for Adam, v-hat = v / (1 - beta2^t) min/max/mean and v_decrease_frac,
-the fraction of elements with g^2 < v_prev, whose second moment shrank this step: the
-beta2-decay regime that precedes Adam loss spikes (Bai et al. 2025, arXiv 2506.04805). For SGD,
-momentum_norm. Tensors without a gradient this step read NaN.
-Global: grad_norm, clip_coef, found_inf, loss_scale (1 without a scaler), skipped_steps.
+(||p_new - p_old||) and the algorithm's own figures: for Adam, v-hat = v / (1 - beta2^t)
+min/max/mean and v_decrease_frac, the fraction of elements with g^2 < v_prev, whose second
+moment shrank this step: the beta2-decay regime that precedes Adam loss spikes (Bai et al. 2025,
+arXiv 2506.04805); for SGD and Lion, momentum_norm. Tensors without a gradient this step read
+NaN. Global: grad_norm, clip_coef, found_inf, loss_scale (1 without a scaler), skipped_steps.
 """
 from __future__ import annotations
 
 import torch
 
-from fusedopt import flat
+from fusedopt.engine import layout
 
-ADAM_FIELDS = ("grad_norm", "weight_norm", "update_norm", "vhat_min", "vhat_max", "vhat_mean",
-               "v_decrease_frac")
-SGD_FIELDS = ("grad_norm", "weight_norm", "update_norm", "momentum_norm")
-GLOBAL_FIELDS = {"grad_norm": flat.GRAD_NORM, "clip_coef": flat.CLIP_COEF,
-                 "found_inf": flat.FOUND_INF, "loss_scale": flat.SCALE,
-                 "skipped_steps": flat.SKIPPED_STEPS}
+GLOBAL_FIELDS = {"grad_norm": layout.GRAD_NORM, "clip_coef": layout.CLIP_COEF,
+                 "found_inf": layout.FOUND_INF, "loss_scale": layout.SCALE,
+                 "skipped_steps": layout.SKIPPED_STEPS}
 
 
 class StepStats:
@@ -31,30 +28,34 @@ class StepStats:
         self.globals = globals_
 
     @classmethod
-    def from_device_arrays(cls, kind, names, parts, stat_columns, with_update_stats):
-        """Derive the figures from each device's tensor_sums / stat_values / globals (no sync)."""
-        first = parts[0][0].device
+    def from_engine(cls, engine, with_update_stats):
+        """Derive the figures from each device's tensor sums, statistics and globals (no sync)."""
+        devices = list(engine.devices.values())
+        if not devices:
+            # An optimizer whose groups hold no params: a step is a no-op.
+            empty = torch.zeros(0)
+            zeros = {"grad_norm": 0.0, "clip_coef": 1.0, "found_inf": 0.0, "loss_scale": 1.0,
+                     "skipped_steps": 0.0}
+            return cls([], empty.long(), {"grad_norm": empty},
+                       {k: torch.tensor(v) for k, v in zeros.items()})
+        first = devices[0].device
+        stat_names = [name for name, _ in engine.algorithm.STATS]
         columns = {}
-        for ds, numel in parts:
-            inactive = ds.tensor_group < 0
+        for ds in devices:
             figures = {"grad_norm": ds.tensor_sums[0].sqrt()}
             if with_update_stats:
-                values = dict(zip(stat_columns, ds.stat_values))
+                values = dict(zip(stat_names, ds.stat_values))
                 figures["weight_norm"] = values["weight_sumsq"].sqrt()
                 figures["update_norm"] = values["update_sumsq"].sqrt()
-                if kind == "adam":
-                    figures["vhat_min"] = values["vhat_min"].clone()
-                    figures["vhat_max"] = values["vhat_max"].clone()
-                    figures["vhat_mean"] = values["vhat_sum"] / numel
-                    figures["v_decrease_frac"] = values["v_decrease_count"] / numel
-                else:
-                    figures["momentum_norm"] = values["momentum_sumsq"].sqrt()
+                figures.update(engine.algorithm.figures(values, ds.numel))
+            inactive = ~ds.active()
             for key, value in figures.items():
                 value = value.masked_fill(inactive, float("nan"))
                 columns.setdefault(key, []).append(value.to(first, non_blocking=True))
         per_tensor = {key: torch.cat(values) for key, values in columns.items()}
-        numel = torch.cat([n.to(first, non_blocking=True) for _, n in parts])
-        g = parts[0][0].globals.clone()
+        numel = torch.cat([ds.numel.to(first, non_blocking=True) for ds in devices])
+        names = [engine.names[p] for ds in devices for p in ds.params]
+        g = devices[0].globals.clone()
         globals_ = {key: g[slot] for key, slot in GLOBAL_FIELDS.items()}
         return cls(names, numel, per_tensor, globals_)
 

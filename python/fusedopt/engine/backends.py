@@ -1,6 +1,6 @@
 """Backend selection: which implementation of docs/kernel_contract.md runs a device's step.
 
-"reference" is the per-tensor PyTorch math of fusedopt.reference (any device, any float dtype,
+"reference" is the per-tensor PyTorch math of fusedopt.engine.reference (any device, any float dtype,
 syncs); "triton" and "cuda" are the fused kernels (CUDA tensors, fp32/bf16/fp16, no sync).
 """
 from __future__ import annotations

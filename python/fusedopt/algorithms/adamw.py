@@ -9,8 +9,67 @@ corrected=True for those and corrected=False for the rest.
 """
 from __future__ import annotations
 
-from fusedopt import flat
+import math
+
+from fusedopt.engine import layout
 from fusedopt.optimizer import FusedOptimizer
+
+NAME = "adamw"
+STATE = ("exp_avg", "exp_avg_sq")
+HYPER = ("beta1", "beta2", "eps")
+STATS = layout.COMMON_STATS + (("vhat_min", layout.OP_MIN), ("vhat_max", layout.OP_MAX),
+                               ("vhat_sum", layout.OP_SUM), ("v_decrease_count", layout.OP_SUM))
+
+
+def validate(group):
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if not group["eps"] >= 0:
+        raise ValueError(f"eps must be >= 0, got {group['eps']}")
+
+
+def hyper_values(group):
+    beta1, beta2 = group["betas"]
+    return {"beta1": float(beta1), "beta2": float(beta2), "eps": float(group["eps"])}
+
+
+def reference_update(param, grad, state, *, step, lr, weight_decay, beta1, beta2, eps):
+    """One AdamW step on one tensor, in place (torch.optim.AdamW's form of the update).
+
+    `step` is the count after this step (t >= 1); `weight_decay` already carries the AdamC
+    factor. All tensors share one floating dtype.
+    """
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    denom = exp_avg_sq.sqrt() / math.sqrt(bias_correction2) + eps
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def reference_stats(state, grad, state_before, step, hyper):
+    """v-hat = v / (1 - beta2^t) min/max/sum and the count of g^2 < v_prev (0 on a skipped step,
+    grad None): the beta2-decay regime that precedes Adam loss spikes (Bai et al. 2025)."""
+    bias_correction2 = 1 - hyper["beta2"] ** step if step > 0 else 1.0
+    vhat = state["exp_avg_sq"] / bias_correction2
+    decreased = 0 if grad is None else (grad.square() < state_before["exp_avg_sq"]).sum().item()
+    if vhat.numel() == 0:
+        # What the kernels' fixed-order reduction gives over no blocks: min +inf, max -inf.
+        return math.inf, -math.inf, 0.0, 0
+    return vhat.min().item(), vhat.max().item(), vhat.sum().item(), decreased
+
+
+def figures(values, numel):
+    return {"vhat_min": values["vhat_min"].clone(), "vhat_max": values["vhat_max"].clone(),
+            "vhat_mean": values["vhat_sum"] / numel,
+            "v_decrease_frac": values["v_decrease_count"] / numel}
+
+
+def load_step(entry):
+    return float(entry.get("step", 0))
 
 
 class AdamW(FusedOptimizer):
@@ -31,10 +90,7 @@ class AdamW(FusedOptimizer):
         stats: also produce per-tensor weight/update norms and v-hat statistics (opt.stats()).
     """
 
-    KIND = "adam"
-    MOMENTS = ("exp_avg", "exp_avg_sq")
-    STAT_COLUMNS = flat.ADAM_STAT_COLUMNS
-    STAT_OPS = flat.ADAM_STAT_OPS
+    ALGORITHM = NAME
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  corrected=False, max_lr=None, max_grad_norm=None, backend="auto", stats=False):
@@ -42,29 +98,6 @@ class AdamW(FusedOptimizer):
                         corrected=corrected, max_lr=max_lr)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
                          stats=stats)
-
-    def _validate_hyper(self, group):
-        betas = group["betas"]
-        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if not group["eps"] >= 0:
-            raise ValueError(f"eps must be >= 0, got {group['eps']}")
-
-    def _hyper_row(self, group, lr):
-        beta1, beta2 = group["betas"]
-        return (lr, group["max_lr"], group["weight_decay"], beta1, beta2, group["eps"], 0.0, 0.0,
-                float(group["corrected"]), 0.0)
-
-    def _reference_hyper(self, group):
-        beta1, beta2 = group["betas"]
-        return dict(lr=float(group["lr"]), max_lr=float(group["max_lr"]),
-                    weight_decay=group["weight_decay"], corrected=group["corrected"],
-                    beta1=float(beta1), beta2=float(beta2), eps=group["eps"])
-
-    def _stat_values_from_reference(self, tensor):
-        s, n = tensor.stats, tensor.param.numel()
-        return (s["weight_norm"] ** 2, s["update_norm"] ** 2, s["vhat_min"], s["vhat_max"],
-                s["vhat_mean"] * n, s["v_decrease_frac"] * n)
 
 
 class AdamC(AdamW):

@@ -1,0 +1,108 @@
+// AdamW / AdamC, element by element (torch.optim.AdamW's form; fusedopt/algorithms/adamw.py):
+//   p *= 1 - LR*WD*k; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
+//   p -= (LR / (1 - b1^t)) * (m / (sqrt(v) / sqrt(1 - b2^t) + EPS))
+// with k = LR / MAX_LR for AdamC (Defazio 2025, arXiv 2506.02285), else 1. State: exp_avg (m),
+// exp_avg_sq (v). Statistics: sum p_new^2, sum (p_new - p_old)^2, min/max/sum of
+// v-hat = v / (1 - b2^t), count(g^2 < v_prev) (the beta2-decay regime that precedes Adam loss
+// spikes, Bai et al. 2025).
+//
+// Napkin math, bytes per element (read + write), for fp32 | bf16/fp16 params:
+//   p, g, m, v read + p, m, v written = 16 + 12 = 28 B | 12 + 10 = 22 B
+// plus grad_norm's read of g (4 | 2 B): 32 B/param in fp32, the floor of a fused AdamW step.
+// At 1.1B fp32 params the update is 30.8 GB: ~9.6 ms at 3.2 TB/s (H100 SXM copy bandwidth).
+#pragma once
+
+#include "../common.cuh"
+
+namespace fusedopt {
+
+struct AdamW {
+  static constexpr const char* kName = "adamw";
+  enum Column : int { kBeta1 = kFirstAlgorithmColumn, kBeta2, kEps };
+  static constexpr HyperColumn kHyper[] = {{"beta1", kBeta1}, {"beta2", kBeta2}, {"eps", kEps}};
+  static constexpr int kStates = 2;  // exp_avg, exp_avg_sq
+  static constexpr int kStats = 6;
+
+  // sum p_new^2, sum (p_new - p_old)^2, min v-hat, max v-hat, sum v-hat, count(g^2 < v_prev)
+  static constexpr __host__ __device__ Reduce stat_op(int column) {
+    constexpr Reduce kOps[kStats] = {Reduce::kSum, Reduce::kSum, Reduce::kMin,
+                                     Reduce::kMax, Reduce::kSum, Reduce::kSum};
+    return kOps[column];
+  }
+
+  struct Coeffs {
+    GradScale unscale;
+    float decay;  // 1 - LR*WD*k
+    float beta1, one_minus_beta1, beta2, one_minus_beta2;
+    float step_size;  // LR / (1 - b1^t)
+    float bc2_sqrt;   // sqrt(1 - b2^t)
+    float bc2;        // 1 - b2^t, for v-hat
+    float eps;
+  };
+
+  // Scalars are combined in fp64 and rounded once, as torch.optim does with Python floats
+  // (param.mul_(1 - lr * weight_decay), step_size = lr / bias_correction1).
+  static __device__ Coeffs make_coeffs(const float* __restrict__ row, float step, const float* __restrict__ globals) {
+    Coeffs c;
+    c.unscale = GradScale::of(globals);
+    const double lr = row[kLr];
+    const double k = decay_multiplier(row);
+    const double wd = row[kWeightDecay];
+    const double b1 = row[kBeta1];
+    const double b2 = row[kBeta2];
+    const double t = step;
+    // t == 0 only when the very first step was skipped and the statistics report the untouched
+    // state: no bias correction then (as fusedopt/algorithms/adamw.py reference_stats).
+    const double bc1 = t > 0 ? 1.0 - pow(b1, t) : 1.0;
+    const double bc2 = t > 0 ? 1.0 - pow(b2, t) : 1.0;
+    c.decay = float(1.0 - lr * wd * k);
+    c.beta1 = float(b1);
+    c.one_minus_beta1 = float(1.0 - b1);
+    c.beta2 = float(b2);
+    c.one_minus_beta2 = float(1.0 - b2);
+    c.step_size = float(lr / bc1);
+    c.bc2_sqrt = float(sqrt(bc2));
+    c.bc2 = float(bc2);
+    c.eps = row[kEps];
+    return c;
+  }
+
+  static __device__ __forceinline__ bool uses_state(const float* __restrict__) { return true; }
+
+  static __device__ __forceinline__ void add_vhat(const Coeffs& c, float v, float (&stats)[kStats]) {
+    const float vhat = v / c.bc2;
+    stats[2] = fminf(stats[2], vhat);
+    stats[3] = fmaxf(stats[3], vhat);
+    stats[4] += vhat;
+  }
+
+  // p: the stored param widened to fp32, returned updated (the kernel rounds it to T when storing);
+  // g: the unscaled, clipped gradient; m, v: exp_avg, exp_avg_sq.
+  template <typename T, bool STATS>
+  static __device__ __forceinline__ void step_element(const Coeffs& c, float& p, float g, float& m, float& v,
+                                                      float (&stats)[kStats]) {
+    const float p_old = p;
+    const float v_prev = v;
+    p = p * c.decay;
+    m = c.beta1 * m + c.one_minus_beta1 * g;
+    v = c.beta2 * v + c.one_minus_beta2 * (g * g);
+    p = p - c.step_size * (m / (sqrtf(v) / c.bc2_sqrt + c.eps));
+    if constexpr (STATS) {
+      const float p_new = round_to_storage<T>(p);
+      const float dp = p_new - p_old;
+      stats[0] += p_new * p_new;
+      stats[1] += dp * dp;
+      add_vhat(c, v, stats);
+      stats[5] += g * g < v_prev ? 1.f : 0.f;
+    }
+  }
+
+  // A skipped step's statistics: the unchanged param and v-hat, no update, no decrease.
+  static __device__ __forceinline__ void observe_element(const Coeffs& c, float p, float, float v,
+                                                         float (&stats)[kStats]) {
+    stats[0] += p * p;
+    add_vhat(c, v, stats);
+  }
+};
+
+}  // namespace fusedopt

@@ -1,0 +1,86 @@
+// SGD / SGDC, element by element (torch.optim.SGD; fusedopt/algorithms/sgd.py):
+//   d = g + WD*k*p; with momentum: buf = d at t == 1, else MOMENTUM*buf + (1-DAMPENING)*d;
+//   d = d + MOMENTUM*buf (nesterov) or buf; p -= LR*d
+// with k = LR / MAX_LR for SGDC (Defazio 2025, arXiv 2506.02285), else 1. State: momentum_buffer,
+// neither read nor written without momentum (torch keeps it None). Statistics: sum p_new^2,
+// sum (p_new - p_old)^2, sum buf^2 (0 without momentum).
+//
+// Napkin math, bytes per element (read + write), for fp32 | bf16/fp16 params:
+//   with momentum: p, g, buf read + p, buf written = 12 + 8 = 20 B | 8 + 6 = 14 B
+//   momentum 0:    p, g read + p written            = 8 + 4  = 12 B | 4 + 2 = 6 B
+// plus grad_norm's read of g (4 | 2 B).
+#pragma once
+
+#include "../common.cuh"
+
+namespace fusedopt {
+
+struct Sgd {
+  static constexpr const char* kName = "sgd";
+  enum Column : int { kMomentum = kFirstAlgorithmColumn, kDampening, kNesterov };
+  static constexpr HyperColumn kHyper[] = {{"momentum", kMomentum}, {"dampening", kDampening}, {"nesterov", kNesterov}};
+  static constexpr int kStates = 1;  // momentum_buffer
+  static constexpr int kStats = 3;
+
+  // sum p_new^2, sum (p_new - p_old)^2, sum buf^2
+  static constexpr __host__ __device__ Reduce stat_op(int) { return Reduce::kSum; }
+
+  struct Coeffs {
+    GradScale unscale;
+    float lr, weight_decay;  // weight_decay = WD*k
+    float momentum, one_minus_dampening;
+    bool has_weight_decay, has_momentum, first_step, nesterov;
+  };
+
+  // Scalars are combined in fp64 and rounded once, as torch.optim does with Python floats.
+  static __device__ Coeffs make_coeffs(const float* __restrict__ row, float step, const float* __restrict__ globals) {
+    Coeffs c;
+    c.unscale = GradScale::of(globals);
+    const double lr = row[kLr];
+    const double k = decay_multiplier(row);
+    const double wd = row[kWeightDecay];
+    c.lr = row[kLr];
+    c.has_weight_decay = wd != 0.0;
+    c.weight_decay = float(wd * k);
+    c.momentum = row[kMomentum];
+    c.has_momentum = row[kMomentum] != 0.f;
+    c.one_minus_dampening = float(1.0 - double(row[kDampening]));
+    c.first_step = step == 1.f;
+    c.nesterov = row[kNesterov] != 0.f;
+    return c;
+  }
+
+  // Without momentum the buffer is not touched: 8 B/element less, and its statistic is 0.
+  static __device__ __forceinline__ bool uses_state(const float* __restrict__ row) { return row[kMomentum] != 0.f; }
+
+  // p: the stored param widened to fp32, returned updated (the kernel rounds it to T when storing);
+  // g: the unscaled, clipped gradient; buf: momentum_buffer.
+  template <typename T, bool STATS>
+  static __device__ __forceinline__ void step_element(const Coeffs& c, float& p, float g, float& buf, float&,
+                                                      float (&stats)[kStats]) {
+    const float p_old = p;
+    float d = g;
+    if (c.has_weight_decay) d = d + c.weight_decay * p;
+    if (c.has_momentum) {
+      buf = c.first_step ? d : c.momentum * buf + c.one_minus_dampening * d;
+      d = c.nesterov ? d + c.momentum * buf : buf;
+    }
+    p = p - c.lr * d;
+    if constexpr (STATS) {
+      const float p_new = round_to_storage<T>(p);
+      const float dp = p_new - p_old;
+      stats[0] += p_new * p_new;
+      stats[1] += dp * dp;
+      if (c.has_momentum) stats[2] += buf * buf;
+    }
+  }
+
+  // A skipped step's statistics: the unchanged param and buffer, no update.
+  static __device__ __forceinline__ void observe_element(const Coeffs& c, float p, float buf, float,
+                                                         float (&stats)[kStats]) {
+    stats[0] += p * p;
+    if (c.has_momentum) stats[2] += buf * buf;
+  }
+};
+
+}  // namespace fusedopt

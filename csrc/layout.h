@@ -1,0 +1,73 @@
+// The schema of python/fusedopt/engine/layout.py, repeated for the compiler: block size, tensor-table
+// rows, hyperparameter columns, global slots, reduction ops and algorithm codes
+// (docs/kernel_contract.md). Each algorithm's own hyperparameter columns, state count and
+// statistics are in csrc/algorithms/<name>.cuh. fusedopt._C.schema() exports these numbers and
+// tests/test_schema.py compares them with layout.py name by name, so a number changed on one
+// side only fails a CPU test.
+//
+// Host and device code include this header (bindings.cpp through launchers.h, every kernel through
+// common.cuh): constants and enums only, no device code.
+#pragma once
+
+namespace fusedopt {
+
+// Elements per thread block: 16 KB of fp32, the unit of state allocation. A tensor's state starts
+// at a multiple of it in its segment, so no block spans two tensors.
+constexpr int kBlock = 4096;
+
+// Rows of the per-device tensor table, int64 [kTableRows, T_dev] (column t = tensor t).
+enum TableRow : int {
+  kParamAddr = 0,   // p.data_ptr(): storage dtype, dense in memory
+  kGradAddr = 1,    // the gradient's data_ptr(), same strides as the param; 0 without a gradient
+  kGroup = 2,       // param group, -1 when the tensor has no gradient this step
+  kNumel = 3,       // elements of the tensor
+  kStateStart = 4,  // element offset of the tensor's state in its segment (first block * kBlock)
+  kTableRows = 5,
+};
+
+// Columns of the per-group hyperparameter table, float32 [G, kNumHyper]: these four are common to
+// every algorithm, the algorithm's own follow from kFirstAlgorithmColumn.
+enum Hyper : int {
+  kLr = 0,
+  kMaxLr = 1,
+  kWeightDecay = 2,
+  kCorrected = 3,
+  kFirstAlgorithmColumn = 4,
+  kNumHyper = 8,
+};
+
+// Slots of the per-device globals, float32 [kNumGlobals].
+enum Global : int {
+  kGradNorm = 0,
+  kClipCoef = 1,
+  kFoundInf = 2,
+  kInvScale = 3,
+  kSkippedSteps = 4,
+  kScale = 5,
+  kNumGlobals = 8,
+};
+
+// Per-column reductions of tensor_reduce.
+enum class Reduce : int { kSum = 0, kMin = 1, kMax = 2 };
+
+// How tensor_reduce folds grad_norm's two per-block figures (layout.GRAD_SUM_OPS): the sum of
+// g^2 adds up, the non-finite flag (0 or 1) is set if any block's is.
+constexpr Reduce kGradSquaresOp = Reduce::kSum;
+constexpr Reduce kNonfiniteOp = Reduce::kMax;
+
+// Kernel codes of the algorithms (layout.ALGORITHMS order); update.cu maps each to its struct.
+enum class Algorithm : int { kAdamW = 0, kSgd = 1, kLion = 2 };
+
+// Most statistic columns an algorithm may declare; tensor_reduce folds at most this many.
+constexpr int kMaxColumns = 8;
+// Most state buffers an algorithm may own: update takes state1 and state2.
+constexpr int kMaxStates = 2;
+
+// One of an algorithm's own hyperparameter columns, by the name its Python module gives it
+// (fusedopt/algorithms/<name>.py, HYPER).
+struct HyperColumn {
+  const char* name;
+  int column;
+};
+
+}  // namespace fusedopt

@@ -1,0 +1,115 @@
+"""The reference of one fused step, written per tensor in plain PyTorch.
+
+This is the specification every kernel is tested against, and it is itself tested against
+torch.optim, torch.amp.GradScaler and clip_grad_norm_. It favours clarity over speed: pass
+float64 tensors for a high-precision reference. Half-precision params are updated through an
+fp32 copy (state is fp32), as the kernels do. The algorithms' own equations are in
+fusedopt/algorithms/<name>.py (reference_update).
+
+One step, with s the loss scale (1 without a scaler):
+ 1. g = grad / s for every tensor; found_inf = any non-finite value in any g.
+ 2. found_inf: nothing changes (params, state, step counts); the scaler backs off.
+ 3. N = sqrt(sum of all g^2); with max_grad_norm: g *= min(1, max_grad_norm / (N + 1e-6)).
+ 4. k = lr / max_lr for corrected groups (Defazio 2025, arXiv 2506.02285), else 1.
+ 5. The algorithm's update with decay coefficient weight_decay * k.
+ 6. The scaler grows after growth_interval clean steps (torch.amp.GradScaler semantics).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+# clip_grad_norm_ adds this to the norm before dividing (torch.nn.utils.clip_grad_norm_).
+CLIP_EPS = 1e-6
+
+
+def decay_multiplier(lr: float, max_lr: float, corrected: bool) -> float:
+    """k in the decay lr * wd * k: lr / max_lr for the corrected optimizers, else 1. A corrected
+    group whose max_lr is 0 has lr 0 too (max_lr >= lr is validated): no decay."""
+    if not corrected:
+        return 1.0
+    return lr / max_lr if max_lr > 0 else 0.0
+
+
+def clip_coefficient(total_norm: float, max_grad_norm: float | None) -> float:
+    """min(1, max_grad_norm / (N + 1e-6)), as clip_grad_norm_; 1 without clipping."""
+    if max_grad_norm is None:
+        return 1.0
+    return min(1.0, max_grad_norm / (total_norm + CLIP_EPS))
+
+
+def scaler_update(scale, growth_tracker, found_inf, *, growth_factor, backoff_factor,
+                  growth_interval):
+    """The dynamic loss-scale rule of torch.amp.GradScaler.update; returns (scale, tracker)."""
+    if found_inf:
+        return scale * backoff_factor, 0
+    growth_tracker += 1
+    if growth_tracker == growth_interval:
+        # The scale is an fp32 tensor in torch: a growth past fp32's range is dropped.
+        grown = scale * growth_factor
+        return (grown if abs(grown) <= torch.finfo(torch.float32).max else scale), 0
+    return scale, growth_tracker
+
+
+@dataclass
+class ReferenceTensor:
+    """One parameter as the reference step sees it.
+
+    `state` holds the algorithm's state tensors by name; `hyper` the group's lr, max_lr,
+    weight_decay, corrected and the algorithm's own hyperparameters. `step` is the count of
+    steps taken so far; `grad` None means the tensor is skipped, as in torch.optim. `stats` gets
+    grad_sumsq, nonfinite and, with statistics, the algorithm's STATS column values.
+    """
+    param: torch.Tensor
+    grad: torch.Tensor | None
+    state: dict
+    hyper: dict
+    step: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def compute_view(tensor):
+    """The dtype the math runs in: fp32 for half types, the tensor's own otherwise."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
+                   external_found_inf=False, want_stats=False):
+    """One whole fused step over `tensors` (a list of ReferenceTensor), in place.
+
+    algorithm: a fusedopt.algorithms module. Returns the global figures as a dict: grad_norm,
+    clip_coef, found_inf.
+    """
+    active = [t for t in tensors if t.grad is not None]
+    inv_scale = 1.0 / scale
+    for t in active:
+        g = compute_view(t.grad) * inv_scale
+        t.stats = {"grad_sumsq": g.square().sum().item(),
+                   "nonfinite": not bool(torch.isfinite(g).all())}
+    found_inf = external_found_inf or any(t.stats["nonfinite"] for t in active)
+    total_norm = math.sqrt(math.fsum(t.stats["grad_sumsq"] for t in active))
+    clip = clip_coefficient(total_norm, max_grad_norm)
+    for t in active:
+        old_param = compute_view(t.param).clone()
+        state_before = {name: value.clone() for name, value in t.state.items()}
+        grad = None
+        if not found_inf:
+            t.step += 1
+            grad = compute_view(t.grad) * inv_scale * clip
+            param = old_param.clone()
+            h = dict(t.hyper)
+            k = decay_multiplier(h.pop("lr"), h.pop("max_lr"), h.pop("corrected"))
+            algorithm.reference_update(param, grad.to(param.dtype), t.state, step=t.step,
+                                       lr=t.hyper["lr"],
+                                       weight_decay=h.pop("weight_decay") * k, **h)
+            t.param.copy_(param)
+        if want_stats:
+            new_param = compute_view(t.param)
+            t.stats["weight_sumsq"] = new_param.square().sum().item()
+            t.stats["update_sumsq"] = (new_param - old_param).square().sum().item()
+            own = algorithm.reference_stats(t.state, grad, state_before, t.step, t.hyper)
+            for (name, _), value in zip(algorithm.STATS[2:], own):
+                t.stats[name] = value
+    return {"grad_norm": total_norm, "clip_coef": clip, "found_inf": found_inf}

@@ -1,0 +1,330 @@
+"""The step engine: builds the tables over the owners' tensors and runs the step, once.
+
+A step, per device (docs/kernel_contract.md): grad_norm + tensor_reduce for each segment, one
+finalize, then update (+ tensor_reduce of the statistics partials) for each segment. The host
+only launches: hyperparameters, loss scale, step counts and the skip decision live in device
+memory, so step() never waits for the GPU and can be captured in a CUDA graph. The reference
+backend runs the same step through engine/reference.py, one tensor at a time (it syncs).
+"""
+from __future__ import annotations
+
+import torch
+
+from fusedopt.engine import backends, layout
+from fusedopt.engine.reference import ReferenceTensor, reference_step, scaler_update
+from fusedopt.engine.tables import DeviceTables, Segment, is_dense, same_layout
+
+
+class Engine:
+    """The tables and launches of one optimizer over its params.
+
+    `algorithm` is a fusedopt.algorithms module; `entries` the (param, group index, name) of
+    every param in optimizer order. Public surface: `devices` (DeviceTables by device),
+    `state_view(p, name)`, `step_count(p)`, `refresh(groups)`, `run(scaling, max_grad_norm,
+    collect_stats)`, `rebuild(entries)`.
+    """
+
+    def __init__(self, algorithm, entries, num_groups, backend, collect_stats):
+        self.algorithm = algorithm
+        self.backend = backend
+        self.collect_stats = collect_stats
+        self.num_stats = len(algorithm.STATS)
+        self.build(entries, num_groups)
+
+    # ----------------------------------------------------------------- layout
+    def build(self, entries, num_groups):
+        self.names = {p: name for p, _, name in entries}
+        self.group_of = {p: gi for p, gi, _ in entries}
+        by_device = {}
+        for p, _, name in entries:
+            by_device.setdefault(p.device, {}).setdefault(p.dtype, []).append(p)
+        self.devices = {}
+        for device, by_dtype in by_device.items():
+            backend = backends.resolve(self.backend, device, list(by_dtype))
+            segments, offset = [], 0
+            for dtype, params in by_dtype.items():
+                if backend != "reference":
+                    for p in params:
+                        self._check_dense(p)
+                segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE,
+                                        self.num_stats if backend != "reference" else 0))
+                offset += len(params)
+            self.devices[device] = DeviceTables(device, segments, num_groups, self.num_stats,
+                                                backend)
+        self._check_overlaps([p for p, _, _ in entries])
+        self.slots = {}
+        for ds in self.devices.values():
+            for seg in ds.segments:
+                for i, p in enumerate(seg.params):
+                    self.slots[p] = (ds, seg, i, seg.tensor_offset + i)
+        self.layout_key = {p: (p.device, p.dtype, p.shape) for p, _, _ in entries}
+        self.known_ptr = {p: p.data_ptr() for p, _, _ in entries}
+
+    def rebuild(self, entries, num_groups):
+        """A new layout for new params or params whose dtype or device changed; the state
+        follows, converted to the new state dtype and moved to the new device."""
+        saved = {p: (float(self.step_count(p)), {n: self.state_view(p, n).clone()
+                                                 for n in self.algorithm.STATE})
+                 for p in self.slots}
+        self.build(entries, num_groups)
+        with torch.no_grad():
+            for p, (step, state) in saved.items():
+                if p not in self.slots:
+                    continue
+                ds, _, _, position = self.slots[p]
+                ds.tensor_step[position] = step
+                for name, value in state.items():
+                    self.state_view(p, name).copy_(value.reshape(p.shape))
+
+    def state_view(self, p, name):
+        _, seg, i, _ = self.slots[p]
+        return seg.state_view(name, i)
+
+    def step_count(self, p):
+        ds, _, _, position = self.slots[p]
+        return ds.tensor_step[position]
+
+    def _check_dense(self, p):
+        if not is_dense(p):
+            raise ValueError(f"params: {self.names[p]} (shape {tuple(p.shape)}, strides "
+                             f"{p.stride()}) is not dense in memory; the fused kernels address a "
+                             "tensor as one span of memory: make it contiguous or use "
+                             "backend='reference'")
+
+    def _check_overlaps(self, params):
+        """Params that share memory update as torch only if they do not overlap."""
+        spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), p)
+                       for p in params if p.numel() and p.device.type != "meta")
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise ValueError(f"params: {self.names[a]} and {self.names[b]} overlap in "
+                                 "memory; one step would update the shared elements twice")
+
+    # ----------------------------------------------------------------- per step
+    def refresh(self, param_groups):
+        """Check every param against the layout, find the grads and upload what changed.
+
+        Returns True when the layout must be rebuilt first (a param's dtype or device changed).
+        """
+        self.staged = []
+        self.param_groups = param_groups
+        for ds in self.devices.values():
+            if self._gather(ds):
+                return True
+            rows = tuple(self._hyper_row(group) for group in param_groups)
+            if ds.upload_hyper(rows):
+                for group in param_groups:
+                    self.validate(group)
+            for gi, group in enumerate(param_groups):
+                if torch.is_tensor(group["lr"]):
+                    ds.hyper[gi, layout.LR].copy_(group["lr"].reshape(()), non_blocking=True)
+        return False
+
+    def _gather(self, ds):
+        params, grads, groups = [], [], []
+        kernels = ds.backend != "reference"
+        for p in ds.params:
+            ptr = p.data_ptr()
+            if ptr != self.known_ptr[p]:
+                if self._moved(p):
+                    return True
+                self.known_ptr[p] = ptr
+            g = p.grad
+            params.append(ptr)
+            if g is None:
+                grads.append(0)
+                groups.append(-1)
+                continue
+            if g.is_sparse:
+                raise TypeError(f"grad of {self.names[p]}: sparse gradients are not supported")
+            if kernels and not (g.is_contiguous() and p.is_contiguous()) and not (
+                    is_dense(g) and same_layout(g, p)):
+                # A grad laid out unlike its param (set by hand, or a view): the kernels walk
+                # both in the param's memory order, so it is copied into that layout first.
+                staged = torch.empty_like(p)
+                staged.copy_(g)
+                self.staged.append(staged)
+                g = staged
+            grads.append(g.data_ptr())
+            groups.append(self.group_of[p])
+        if kernels:
+            ds.upload_addresses(params, grads, groups)
+        else:
+            ds.reference_groups = groups
+        return False
+
+    def _moved(self, p):
+        """The param's storage changed. Same dtype, device and shape: only its address is new.
+        A new dtype or device: the layout is rebuilt and the state follows (True)."""
+        device, dtype, shape = self.layout_key[p]
+        if p.shape != shape:
+            raise ValueError(f"params: {self.names[p]} changed shape from {tuple(shape)} to "
+                             f"{tuple(p.shape)} since it was added to the optimizer; its state "
+                             "cannot follow (build a new optimizer)")
+        if p.device != device or p.dtype != dtype:
+            return True
+        if self.devices[p.device].backend != "reference":
+            self._check_dense(p)
+        self._check_overlaps(list(self.slots))
+        return False
+
+    def validate(self, group):
+        self.algorithm.validate(group)
+
+    def _hyper_row(self, group):
+        # A tensor lr is copied on the device after the upload; 0.0 holds its column in the host
+        # rows (a NaN would compare unequal to itself and force an upload every step).
+        lr = 0.0 if torch.is_tensor(group["lr"]) else float(group["lr"])
+        row = [lr, float(group["max_lr"]), float(group["weight_decay"]),
+               float(group["corrected"])]
+        values = self.algorithm.hyper_values(group)
+        row += [values[name] for name in self.algorithm.HYPER]
+        return tuple(row + [0.0] * (layout.HYPER_COLUMNS - len(row)))
+
+    def run(self, scaling, max_grad_norm, collect_stats):
+        kernel_devices = [ds for ds in self.devices.values() if ds.backend != "reference"]
+        reference_devices = [ds for ds in self.devices.values() if ds.backend == "reference"]
+        if kernel_devices and reference_devices:
+            raise RuntimeError("params: one optimizer cannot mix the reference backend with a "
+                               "kernel backend across devices")
+        if kernel_devices:
+            self._kernel_step(kernel_devices, scaling, max_grad_norm, collect_stats)
+        if reference_devices:
+            self._reference_step(reference_devices, scaling, max_grad_norm, collect_stats)
+        self.staged = []
+
+    def _kernel_step(self, devices, scaling, max_grad_norm, collect_stats):
+        if scaling.scale is not None and scaling.scale.device not in self.devices:
+            raise RuntimeError(f"GradScaler: its scale is on {scaling.scale.device}, where this "
+                               "optimizer has no parameters")
+        # Copy the scale to every device before any finalize updates it in place: a copy taken
+        # later would read the updated scale and unscale that device's gradients with it.
+        scales = {ds.device: scaling.scale_on(ds.device) for ds in devices}
+        for ds in devices:
+            kernels = backends.kernels(ds.backend)
+            scale = None if scaling.already_unscaled else scales[ds.device]
+            for seg in ds.segments:
+                kernels.grad_norm(seg.dtype, seg.block_tensor, ds.table, scale, seg.block_sums)
+                kernels.tensor_reduce(seg.block_sums, seg.tensor_block_start,
+                                      layout.GRAD_SUM_OPS, ds.tensor_sums, seg.tensor_offset)
+        stat_ops = [op for _, op in self.algorithm.STATS]
+        for ds in devices:
+            kernels = backends.kernels(ds.backend)
+            # Every device sums the same per-tensor values in the same order, so all of them
+            # agree on the norm and the skip decision to the bit.
+            sums = ds.tensor_sums if len(devices) == 1 else torch.cat(
+                [d.tensor_sums.to(ds.device, non_blocking=True) for d in devices], dim=1)
+            updates_scale = scaling.updates_on(ds.device)
+            kernels.finalize(sums, ds.table, ds.tensor_step, ds.globals, scales[ds.device],
+                             scaling.growth_tracker if updates_scale else None,
+                             scaling.found_inf_on(ds.device), max_grad_norm or 0.0,
+                             scaling.growth_factor, scaling.backoff_factor,
+                             scaling.growth_interval, updates_scale)
+            if scaling.already_unscaled:
+                ds.globals[layout.INV_SCALE].fill_(1.0)
+            for seg in ds.segments:
+                partials = seg.stat_partials if collect_stats else None
+                kernels.update(self.algorithm.NAME, seg.dtype, seg.block_tensor, ds.table,
+                               *seg.state_pair(), ds.tensor_step, ds.hyper, ds.globals, partials)
+                if partials is not None:
+                    kernels.tensor_reduce(partials, seg.tensor_block_start, stat_ops,
+                                          ds.stat_values, seg.tensor_offset)
+
+    def _reference_step(self, devices, scaling, max_grad_norm, collect_stats):
+        """The same step through engine/reference.py, one tensor at a time (syncs)."""
+        slots, param_groups = [], self.param_groups
+        for ds in devices:
+            for position, (p, group_index) in enumerate(zip(ds.params, ds.reference_groups)):
+                group = param_groups[self.group_of[p]]
+                hyper = {"lr": float(group["lr"]), "max_lr": float(group["max_lr"]),
+                         "weight_decay": float(group["weight_decay"]),
+                         "corrected": bool(group["corrected"]),
+                         **self.algorithm.hyper_values(group)}
+                if "nesterov" in hyper:
+                    hyper["nesterov"] = bool(hyper["nesterov"])
+                state = {n: self.state_view(p, n) for n in self.algorithm.STATE}
+                tensor = ReferenceTensor(param=p.data, grad=p.grad if group_index >= 0 else None,
+                                         state=state, hyper=hyper,
+                                         step=int(ds.tensor_step[position]))
+                slots.append((ds, position, tensor))
+        scale = scaling.scale_value()
+        result = reference_step(self.algorithm, [t for _, _, t in slots], scale=scale,
+                                max_grad_norm=max_grad_norm,
+                                external_found_inf=scaling.external_found_inf_value(),
+                                want_stats=collect_stats)
+        found = result["found_inf"]
+        new_scale = scaling.update_value(found)
+        for ds in devices:
+            g = ds.globals
+            g[layout.GRAD_NORM] = result["grad_norm"]
+            g[layout.CLIP_COEF] = result["clip_coef"]
+            g[layout.FOUND_INF] = float(found)
+            g[layout.INV_SCALE] = 1.0 / scale
+            g[layout.SKIPPED_STEPS] += float(found)
+            g[layout.SCALE] = new_scale
+            ds.table[layout.GROUP] = torch.tensor(ds.reference_groups, dtype=torch.int64)
+        stat_names = [name for name, _ in self.algorithm.STATS]
+        for ds, position, t in slots:
+            ds.tensor_step[position] = t.step
+            active = t.grad is not None
+            ds.tensor_sums[0, position] = t.stats["grad_sumsq"] if active else 0.0
+            ds.tensor_sums[1, position] = float(active and t.stats["nonfinite"])
+            if collect_stats and active:
+                for c, name in enumerate(stat_names):
+                    ds.stat_values[c, position] = t.stats[name]
+
+
+class ScaleInputs:
+    """Where this step's loss scale and external inf flag come from.
+
+    fusedopt.GradScaler: its scale and growth tracker, updated inside finalize.
+    torch.amp.GradScaler: optimizer.grad_scale / optimizer.found_inf (torch's protocol for fused
+    optimizers), read only: torch updates the scale in scaler.update(). Neither: scale 1.
+    """
+
+    def __init__(self, scale=None, growth_tracker=None, found_inf=None, updates_scale=False,
+                 already_unscaled=False, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000):
+        self.scale = scale
+        self.growth_tracker = growth_tracker
+        self.found_inf = found_inf
+        self.updates_scale = updates_scale
+        self.already_unscaled = already_unscaled
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+
+    def scale_on(self, device):
+        """The scale finalize reads (and, on the scaler's device, updates)."""
+        if self.scale is None:
+            return None
+        return self.scale if self.scale.device == device else self.scale.to(device, non_blocking=True)
+
+    def found_inf_on(self, device):
+        if self.found_inf is None:
+            return None
+        found = self.found_inf.float().reshape(1)
+        return found if found.device == device else found.to(device, non_blocking=True)
+
+    def updates_on(self, device):
+        return self.updates_scale and self.scale.device == device
+
+    def scale_value(self):
+        if self.scale is None or self.already_unscaled:
+            return 1.0
+        return float(self.scale)
+
+    def external_found_inf_value(self):
+        return self.found_inf is not None and bool(self.found_inf.ne(0).any())
+
+    def update_value(self, found_inf):
+        """Reference path: apply the scale rule on the host and write it back."""
+        if not self.updates_scale:
+            return float(self.scale) if self.scale is not None else 1.0
+        scale, tracker = scaler_update(
+            float(self.scale), int(self.growth_tracker), found_inf,
+            growth_factor=self.growth_factor, backoff_factor=self.backoff_factor,
+            growth_interval=self.growth_interval)
+        self.scale.fill_(scale)
+        self.growth_tracker.fill_(tracker)
+        return scale

@@ -1,0 +1,153 @@
+"""The per-device tables through which the kernels reach tensors that stay with their owners.
+
+Parameters are the module's tensors and gradients whatever `.grad` holds; the optimizer never
+moves them. Per device, one int64 tensor table (layout.TABLE_ROWS x T) holds every tensor's
+param and grad address, group (-1: no grad this step), numel and state offset; the host rewrites
+it only when an address or the set of tensors with gradients changed (one small asynchronous
+copy from pinned memory, no sync), so in a steady training loop it is never re-sent.
+
+The optimizer owns only its state: per (device, param dtype) a *segment* of flat buffers in
+which every tensor starts at a multiple of BLOCK. A kernel block therefore never spans two
+tensors, per-tensor figures are sums of per-block partials in a fixed order (deterministic, no
+float atomics), and `opt.state[p]` entries are views of the flat state with p's strides.
+Padding costs at most BLOCK - 1 state elements per tensor (1200 tensors: 20 MB of fp32 at
+worst) and no traffic: the kernels mask by the tensor's numel.
+"""
+from __future__ import annotations
+
+import torch
+
+from fusedopt.engine import layout
+from fusedopt.engine.layout import BLOCK
+
+
+def is_dense(tensor) -> bool:
+    """True if the elements fill one span of memory without gaps or overlaps, in any order
+    (contiguous, channels_last, a transpose): the kernels then visit them in memory order."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a, b) -> bool:
+    """Element i of a and b sit at the same offset from their first element (size-1 dims,
+    whose strides are arbitrary, do not count)."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def state_dtype(param_dtype):
+    # fp32 state for half params (a bf16 second moment loses the small updates that
+    # beta2 = 0.999 makes: 1 - 0.999 is below bf16's 2^-8 relative step); float64 stays float64
+    # for the high-precision reference.
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+class Segment:
+    """The tensors of one (device, dtype): block table and the optimizer's flat state.
+
+    `tensor_offset` is the device-local index of the first tensor: block_tensor holds
+    device-local indices so that all segments of a device share one tensor table.
+    """
+
+    def __init__(self, params, device, dtype, tensor_offset, state_names, num_stats):
+        self.params = list(params)
+        self.device = device
+        self.dtype = dtype
+        self.tensor_offset = tensor_offset
+        self.state_starts, block_start, total = [], [0], 0
+        for p in self.params:
+            self.state_starts.append(total)
+            total += layout.padded(p.numel())
+            block_start.append(total // BLOCK)
+        self.num_blocks = total // BLOCK
+        block_tensor = torch.empty(self.num_blocks, dtype=torch.int32)
+        for i in range(len(self.params)):
+            block_tensor[block_start[i]:block_start[i + 1]] = tensor_offset + i
+        self.block_tensor = block_tensor.to(device)
+        self.tensor_block_start = torch.tensor(block_start, dtype=torch.int32, device=device)
+        self.states = {name: torch.zeros(total, dtype=state_dtype(dtype), device=device)
+                       for name in state_names}
+        self.block_sums = torch.zeros(2, self.num_blocks, dtype=torch.float32, device=device)
+        self.stat_partials = torch.zeros(num_stats, self.num_blocks, dtype=torch.float32,
+                                         device=device)
+
+    def state_view(self, name, i):
+        """Tensor i's state `name` as a view with the param's shape and memory layout."""
+        p = self.params[i]
+        strides = p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
+        return self.states[name].as_strided(p.shape, strides, self.state_starts[i])
+
+    def state_pair(self):
+        """(state1, state2) as the update kernel takes them (None for a missing second)."""
+        values = list(self.states.values()) + [None] * (layout.MAX_STATES - len(self.states))
+        return values[0], values[1]
+
+
+class DeviceTables:
+    """Everything one device's kernels share: the tensor table, hyperparameters, results."""
+
+    def __init__(self, device, segments, num_groups, num_stats, backend):
+        self.device = device
+        self.segments = segments
+        self.backend = backend
+        self.params = [p for s in segments for p in s.params]
+        num_tensors = len(self.params)
+        self.static_rows = ([p.numel() for p in self.params],
+                            [start for s in segments for start in s.state_starts])
+        self.table = torch.zeros(layout.TABLE_ROWS, num_tensors, dtype=torch.int64, device=device)
+        self.uploaded = None
+        self.numel = torch.tensor(self.static_rows[0], dtype=torch.int64, device=device)
+        self.tensor_step = torch.zeros(num_tensors, dtype=torch.float32, device=device)
+        self.hyper = torch.zeros(num_groups, layout.HYPER_COLUMNS, dtype=torch.float32,
+                                 device=device)
+        self.uploaded_hyper = None
+        self.tensor_sums = torch.zeros(2, num_tensors, dtype=torch.float32, device=device)
+        self.globals = torch.zeros(layout.GLOBAL_SLOTS, dtype=torch.float32, device=device)
+        self.globals[layout.CLIP_COEF] = 1.0
+        self.globals[layout.INV_SCALE] = 1.0
+        self.globals[layout.SCALE] = 1.0
+        self.stat_values = torch.zeros(num_stats, num_tensors, dtype=torch.float32,
+                                       device=device)
+
+    def active(self):
+        """Which tensors had a gradient in the last step (device bool tensor)."""
+        return self.table[layout.GROUP] >= 0
+
+    def upload_addresses(self, params, grads, groups):
+        """Send the dynamic rows if anything changed since the last upload (no sync)."""
+        rows = (params, grads, groups)
+        if rows == self.uploaded:
+            return
+        refuse_during_capture("a parameter or gradient address, or which params have "
+                              "gradients,")
+        upload(self.table, [*params, *grads, *groups, *self.static_rows[0],
+                            *self.static_rows[1]], torch.int64)
+        self.uploaded = rows
+
+    def upload_hyper(self, rows):
+        if rows == self.uploaded_hyper:
+            return False
+        refuse_during_capture("a hyperparameter held as a Python number (use a tensor lr)")
+        upload(self.hyper, [v for row in rows for v in row], torch.float32)
+        self.uploaded_hyper = rows
+        return True
+
+
+def refuse_during_capture(what):
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{what} changed while a CUDA graph is being captured; warm up with "
+                           "the final values, and keep gradients in static tensors, before "
+                           "capturing")
+
+
+def upload(target, values, dtype):
+    """Copy host values into a persistent device tensor without waiting for the GPU."""
+    host = torch.tensor(values, dtype=dtype).reshape(target.shape)
+    if target.device.type == "cuda":
+        # Pinned staging from torch's caching host allocator: the block is not reused before
+        # this copy has run, so the copy can be asynchronous.
+        host = host.pin_memory()
+    target.copy_(host, non_blocking=True)

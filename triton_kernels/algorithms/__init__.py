@@ -1,0 +1,6 @@
+"""Per-algorithm Triton math, one module each (the same names as fusedopt.algorithms):
+NUM_STATES, NUM_STATS, uses_state(row), update(...) and observe(...). The traversal kernel in
+update.py takes them as constexpr functions; REGISTRY is the one place an algorithm is added."""
+from . import adamw, lion, sgd
+
+REGISTRY = {"adamw": adamw, "sgd": sgd, "lion": lion}

@@ -1,0 +1,51 @@
+"""Lion / LionC element math (Chen et al. 2023, arXiv 2302.06675, Algorithm 2):
+    c = b1*m + (1-b1)*g; p = p*(1 - lr*wd*k) - lr*sign(c); m = b2*m + (1-b2)*g
+Bytes per element, fp32: read p, g, m and write p, m = 20 B; bf16 params 14 B.
+Statistics: sum p_new^2, sum (p_new - p_old)^2, sum m_new^2.
+"""
+import triton
+import triton.language as tl
+
+from fusedopt.algorithms.lion import HYPER, STATS
+
+from ..layout import algorithm_column
+from ..math import add, common_stats, lr_and_decay, store_rounding
+
+BETA1 = algorithm_column(HYPER, "beta1")
+BETA2 = algorithm_column(HYPER, "beta2")
+NUM_STATES = 1
+NUM_STATS = len(STATS)
+# 2 bits a column: the reduction op of each statistics column (neutral partials of empty blocks).
+STAT_OPS = sum(op << (2 * column) for column, (_, op) in enumerate(STATS))
+
+
+@triton.jit
+def uses_state(row):
+    return True
+
+
+@triton.jit
+def update(p_old, g, m, unused, row, step, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
+           STATS: tl.constexpr):
+    lr, decay = lr_and_decay(row)
+    beta1 = tl.load(row + BETA1).to(tl.float64)
+    beta2 = tl.load(row + BETA2).to(tl.float64)
+    c = beta1.to(tl.float32) * m + (1.0 - beta1).to(tl.float32) * g
+    sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
+    p_new = store_rounding(p_old * decay.to(tl.float32) - lr.to(tl.float32) * sign, DTYPE)
+    m = beta2.to(tl.float32) * m + (1.0 - beta2).to(tl.float32) * g
+    c0, c1, c2 = 0.0, 0.0, 0.0
+    if STATS:
+        weight_sq, delta_sq = common_stats(p_new.to(tl.float32), p_old, mask, MASKED)
+        m_sq = m * m
+        if MASKED:
+            m_sq = tl.where(mask, m_sq, 0.0)
+        c0 = tl.reduce(weight_sq, 0, add)
+        c1 = tl.reduce(delta_sq, 0, add)
+        c2 = tl.reduce(m_sq, 0, add)
+    return p_new, m, unused, c0, c1, c2, 0.0, 0.0, 0.0
+
+
+@triton.jit
+def observe(p, m, unused, row, step, mask):
+    return tl.sum(p * p, axis=0), 0.0, tl.sum(m * m, axis=0), 0.0, 0.0, 0.0

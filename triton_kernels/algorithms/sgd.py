@@ -1,0 +1,59 @@
+"""SGD / SGDC element math (torch.optim.SGD): d = g + wd*k*p; with momentum buf = d at t == 1,
+else momentum*buf + (1-dampening)*d; d = d + momentum*buf (nesterov) or buf; p -= lr*d.
+Bytes per element, fp32: with momentum read p, g, buf and write p, buf = 20 B; without momentum
+the buffer is neither read nor written (torch keeps it None): 12 B.
+Statistics: sum p_new^2, sum (p_new - p_old)^2, sum buf^2.
+"""
+import triton
+import triton.language as tl
+
+from fusedopt.algorithms.sgd import HYPER, STATS
+
+from ..layout import LR, algorithm_column
+from ..math import add, common_stats, store_rounding, weight_decay_coefficient
+
+MOMENTUM = algorithm_column(HYPER, "momentum")
+DAMPENING = algorithm_column(HYPER, "dampening")
+NESTEROV = algorithm_column(HYPER, "nesterov")
+NUM_STATES = 1
+NUM_STATS = len(STATS)
+# 2 bits a column: the reduction op of each statistics column (neutral partials of empty blocks).
+STAT_OPS = sum(op << (2 * column) for column, (_, op) in enumerate(STATS))
+
+
+@triton.jit
+def uses_state(row):
+    return tl.load(row + MOMENTUM) != 0
+
+
+@triton.jit
+def update(p_old, g, buf, unused, row, step, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
+           STATS: tl.constexpr):
+    weight_decay = weight_decay_coefficient(row)
+    momentum = tl.load(row + MOMENTUM)
+    direction = g
+    if weight_decay != 0:
+        direction = direction + weight_decay.to(tl.float32) * p_old
+    if momentum != 0:
+        dampening = tl.load(row + DAMPENING)
+        buf = tl.where(step == 1, direction, momentum * buf + (1.0 - dampening) * direction)
+        if tl.load(row + NESTEROV) != 0:
+            direction = direction + momentum * buf
+        else:
+            direction = buf
+    p_new = store_rounding(p_old - tl.load(row + LR) * direction, DTYPE)
+    c0, c1, c2 = 0.0, 0.0, 0.0
+    if STATS:
+        weight_sq, delta_sq = common_stats(p_new.to(tl.float32), p_old, mask, MASKED)
+        buf_sq = buf * buf
+        if MASKED:
+            buf_sq = tl.where(mask, buf_sq, 0.0)
+        c0 = tl.reduce(weight_sq, 0, add)
+        c1 = tl.reduce(delta_sq, 0, add)
+        c2 = tl.where(momentum != 0, tl.reduce(buf_sq, 0, add), 0.0)
+    return p_new, buf, unused, c0, c1, c2, 0.0, 0.0, 0.0
+
+
+@triton.jit
+def observe(p, buf, unused, row, step, mask):
+    return tl.sum(p * p, axis=0), 0.0, tl.sum(buf * buf, axis=0), 0.0, 0.0, 0.0
