@@ -125,7 +125,13 @@ def test_cuda_triton_reference_agree_over_50_steps(cls, dtype):
         params, stats = finals[backend]
         assert stats["global"]["skipped_steps"] == ref_stats["global"]["skipped_steps"] == 1
         for a, b in zip(params, ref_params):
-            if dtype == torch.float32:
+            if cls is fusedopt.LionC:
+                # sign(c) is discontinuous at 0: where c lands within rounding of 0, the two
+                # sides move a coordinate by lr in opposite directions. Rare and bounded by
+                # 2 lr per step (lr <= 1e-3 here); every other coordinate agrees.
+                far = (a - b).abs() > 1e-5 + 1e-4 * b.abs()
+                assert far.float().mean() < 0.01 and (a - b).abs().max() <= 2e-3 * 50
+            elif dtype == torch.float32:
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
             else:
                 # 50 steps may each round a stored half value the other way: allow a few ulps.

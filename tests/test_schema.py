@@ -1,4 +1,4 @@
-"""The CUDA kernels' schema numbers against the one schema, name by name.
+"""The CUDA and Triton kernels' schema numbers against the one schema, name by name.
 
 python/fusedopt/engine/layout.py declares the block size, tensor-table rows, hyperparameter
 columns, global slots, reduction ops and algorithm codes; each python/fusedopt/algorithms/<name>.py
@@ -7,7 +7,8 @@ csrc/algorithms/<name>.cuh repeat them for the compiler, and fusedopt._C.schema(
 kernels were compiled with. Every number is compared under its name, so changing one on either
 side (a reordered tuple, BLOCK, HYPER_COLUMNS, GLOBAL_SLOTS, MAX_STAT_COLUMNS, MAX_STATES, a
 statistic's op) fails here, on CPU: the module links cudart statically and schema() touches no
-device. The Triton kernels read layout.py itself (fusedopt.triton_kernels.layout).
+device. The Triton kernels take constexpr copies (fusedopt.triton_kernels.layout, and each
+triton_kernels/algorithms/<name>.py its state and statistics counts): compared here too.
 """
 import importlib
 
@@ -82,3 +83,33 @@ def test_algorithm(schema, name):
     assert compiled["states"] == len(module.STATE) <= layout.MAX_STATES
     assert compiled["stats"] == len(module.STATS) <= layout.MAX_STAT_COLUMNS
     assert compiled["stat_ops"] == [op for _, op in module.STATS]
+
+
+# ----------------------------------------------------------------- the Triton module's copy
+@pytest.fixture(scope="module")
+def triton_layout():
+    pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+    return importlib.import_module("fusedopt.triton_kernels.layout")
+
+
+def test_triton_layout_constants(triton_layout):
+    names = {"BLOCK": layout.BLOCK, "HYPER_COLUMNS": layout.HYPER_COLUMNS,
+             "FIRST_ALGORITHM_COLUMN": layout.FIRST_ALGORITHM_COLUMN}
+    names.update({name.upper(): number for name, number in named(layout.TABLE_ROWS_NAMES).items()})
+    names.update({name.upper(): number for name, number in named(layout.COMMON_HYPER).items()})
+    names.update({name.upper(): number for name, number in named(layout.GLOBALS).items()})
+    assert {name: getattr(triton_layout, name).value for name in names} == names
+
+
+@pytest.mark.parametrize("name", layout.ALGORITHMS)
+def test_triton_algorithm(triton_layout, name):
+    module = importlib.import_module(f"fusedopt.algorithms.{name}")
+    kernel = importlib.import_module(f"fusedopt.triton_kernels.algorithms.{name}")
+    registry = importlib.import_module("fusedopt.triton_kernels.algorithms").REGISTRY
+    assert registry[name] is kernel
+    columns = layout.hyper_columns(module.HYPER)
+    assert {column: getattr(kernel, column.upper()).value for column in module.HYPER} == {
+        column: columns[column] for column in module.HYPER}
+    assert kernel.NUM_STATES == len(module.STATE)
+    assert kernel.NUM_STATS == len(module.STATS)
+    assert kernel.STAT_OPS == sum(op << (2 * c) for c, (_, op) in enumerate(module.STATS))

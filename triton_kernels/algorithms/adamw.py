@@ -11,7 +11,7 @@ import triton.language as tl
 from fusedopt.algorithms.adamw import HYPER, STATS
 
 from ..layout import algorithm_column
-from ..math import common_stats, lr_and_decay, power, store_rounding
+from ..math import INTERPRETED, common_stats, lr_and_decay, power, store_rounding
 
 BETA1 = algorithm_column(HYPER, "beta1")
 BETA2 = algorithm_column(HYPER, "beta2")
@@ -63,10 +63,15 @@ def update(p_old, g, m, v, row, step, mask, DTYPE: tl.constexpr, MASKED: tl.cons
             vhat_low = tl.where(mask, vhat, float("inf"))
             vhat_high = tl.where(mask, vhat, float("-inf"))
             vhat_sum = tl.where(mask, vhat, 0.0)
-        # One reduction of six operands: one round through shared memory instead of six
-        # (sm_90 PTX of the whole kernel, every path: 29 -> 19 bar.sync).
-        c0, c1, c2, c3, c4, c5 = tl.reduce(
-            (weight_sq, delta_sq, vhat_low, vhat_high, vhat_sum, decreased), 0, _combine)
+        if INTERPRETED:
+            c0, c1 = tl.sum(weight_sq, axis=0), tl.sum(delta_sq, axis=0)
+            c2, c3 = tl.min(vhat_low, axis=0), tl.max(vhat_high, axis=0)
+            c4, c5 = tl.sum(vhat_sum, axis=0), tl.sum(decreased, axis=0)
+        else:
+            # One reduction of six operands: one round through shared memory instead of six
+            # (sm_90 PTX of the whole kernel, every path: 29 -> 19 bar.sync).
+            c0, c1, c2, c3, c4, c5 = tl.reduce(
+                (weight_sq, delta_sq, vhat_low, vhat_high, vhat_sum, decreased), 0, _combine)
     return p_new, m, v, c0, c1, c2, c3, c4, c5
 
 

@@ -9,7 +9,7 @@ import triton.language as tl
 from fusedopt.algorithms.lion import HYPER, STATS
 
 from ..layout import algorithm_column
-from ..math import add, common_stats, lr_and_decay, store_rounding
+from ..math import common_stats, lr_and_decay, store_rounding
 
 BETA1 = algorithm_column(HYPER, "beta1")
 BETA2 = algorithm_column(HYPER, "beta2")
@@ -40,9 +40,9 @@ def update(p_old, g, m, unused, row, step, mask, DTYPE: tl.constexpr, MASKED: tl
         m_sq = m * m
         if MASKED:
             m_sq = tl.where(mask, m_sq, 0.0)
-        c0 = tl.reduce(weight_sq, 0, add)
-        c1 = tl.reduce(delta_sq, 0, add)
-        c2 = tl.reduce(m_sq, 0, add)
+        c0 = tl.sum(weight_sq, axis=0)
+        c1 = tl.sum(delta_sq, axis=0)
+        c2 = tl.sum(m_sq, axis=0)
     return p_new, m, unused, c0, c1, c2, 0.0, 0.0, 0.0
 
 

@@ -10,7 +10,7 @@ import triton.language as tl
 from fusedopt.algorithms.sgd import HYPER, STATS
 
 from ..layout import LR, algorithm_column
-from ..math import add, common_stats, store_rounding, weight_decay_coefficient
+from ..math import common_stats, store_rounding, weight_decay_coefficient
 
 MOMENTUM = algorithm_column(HYPER, "momentum")
 DAMPENING = algorithm_column(HYPER, "dampening")
@@ -48,9 +48,9 @@ def update(p_old, g, buf, unused, row, step, mask, DTYPE: tl.constexpr, MASKED: 
         buf_sq = buf * buf
         if MASKED:
             buf_sq = tl.where(mask, buf_sq, 0.0)
-        c0 = tl.reduce(weight_sq, 0, add)
-        c1 = tl.reduce(delta_sq, 0, add)
-        c2 = tl.where(momentum != 0, tl.reduce(buf_sq, 0, add), 0.0)
+        c0 = tl.sum(weight_sq, axis=0)
+        c1 = tl.sum(delta_sq, axis=0)
+        c2 = tl.where(momentum != 0, tl.sum(buf_sq, axis=0), 0.0)
     return p_new, buf, unused, c0, c1, c2, 0.0, 0.0, 0.0
 
 
