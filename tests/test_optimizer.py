@@ -124,8 +124,10 @@ def test_replaced_param_data_is_followed(backend):
         pytest.importorskip("triton")
     p = torch.ones(10, requires_grad=True)
     opt = fusedopt.SGD([p], lr=0.1, backend=backend)
-    p.data = torch.full((10,), 5.0)
     p.grad = torch.ones(10)
+    opt.step()
+    p.data = torch.full((10,), 5.0)
+    p.grad = torch.ones(10)  # a new grad tensor too
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((10,), 4.9))
 
