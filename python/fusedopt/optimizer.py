@@ -43,7 +43,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.engine = None
         super().__init__(params, defaults)
         self.engine = Engine(self.algorithm, list(self._entries()), len(self.param_groups),
-                             backend, stats)
+                             backend)
         self._bind_state()
 
     # ----------------------------------------------------------------- parameters
@@ -180,7 +180,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__({**state, "state": defaultdict(dict)})
         self.algorithm = importlib.import_module(f"fusedopt.algorithms.{self.ALGORITHM}")
         self.engine = Engine(self.algorithm, list(self._entries()), len(self.param_groups),
-                             self.backend, self.collect_stats)
+                             self.backend)
         with torch.no_grad():
             for p, entry in saved.items():
                 self.engine.step_count(p).fill_(float(entry["step"]))

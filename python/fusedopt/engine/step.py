@@ -24,16 +24,14 @@ class Engine:
     collect_stats)`, `rebuild(entries)`.
     """
 
-    def __init__(self, algorithm, entries, num_groups, backend, collect_stats):
+    def __init__(self, algorithm, entries, num_groups, backend):
         self.algorithm = algorithm
         self.backend = backend
         self.num_stats = len(algorithm.STATS)
-        self.collect_stats = collect_stats
         self.build(entries, num_groups)
 
     # ----------------------------------------------------------------- layout
     def build(self, entries, num_groups):
-        collect_stats = self.collect_stats
         self.names = {p: name for p, _, name in entries}
         self.group_of = {p: gi for p, gi, _ in entries}
         by_device = {}
@@ -47,11 +45,7 @@ class Engine:
                 if backend != "reference":
                     for p in params:
                         self._check_dense(p)
-                # Statistics partials only where the kernels write them: 6 rows of 4 B per block
-                # are 6.4 MB at 1.1B params, memory torch's step does not hold.
-                partial_rows = self.num_stats if backend != "reference" and collect_stats else 0
-                segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE,
-                                        partial_rows))
+                segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE))
                 offset += len(params)
             self.devices[device] = DeviceTables(device, segments, num_groups, self.num_stats,
                                                 backend)
@@ -231,9 +225,10 @@ class Engine:
             kernels = backends.kernels(ds.backend)
             scale = None if scaling.already_unscaled else scales[ds.device]
             for seg in ds.segments:
-                kernels.grad_norm(seg.dtype, seg.block_tensor, ds.table, scale, seg.block_sums)
-                kernels.tensor_reduce(seg.block_sums, seg.tensor_block_start,
-                                      layout.GRAD_SUM_OPS, ds.tensor_sums, seg.tensor_offset)
+                block_sums = seg.block_workspace(len(layout.GRAD_SUM_OPS))
+                kernels.grad_norm(seg.dtype, seg.block_tensor, ds.table, scale, block_sums)
+                kernels.tensor_reduce(block_sums, seg.tensor_block_start, layout.GRAD_SUM_OPS,
+                                      ds.tensor_sums, seg.tensor_offset)
         stat_ops = [op for _, op in self.algorithm.STATS]
         for ds in devices:
             kernels = backends.kernels(ds.backend)
@@ -250,7 +245,7 @@ class Engine:
             if scaling.already_unscaled:
                 ds.globals[layout.INV_SCALE].fill_(1.0)
             for seg in ds.segments:
-                partials = seg.stat_partials if collect_stats else None
+                partials = seg.block_workspace(len(stat_ops)) if collect_stats else None
                 kernels.update(self.algorithm.NAME, seg.dtype, seg.block_tensor, ds.table,
                                *seg.state_pair(), ds.tensor_step, ds.hyper, ds.globals, partials)
                 if partials is not None:
