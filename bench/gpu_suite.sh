@@ -22,7 +22,8 @@
 # build and the tests (their tails are in suite.log too).
 #
 # Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, TESTS_CAP_S, MICRO_CAP_S, E2E_CAP_S, NCU_CAP_S,
-# SKIP_BUILD=1 (no CUDA build; installs the Python package only if needed), SKIP_TESTS=1, SKIP_MICRO=1,
+# SKIP_BUILD=1 (no CUDA build; installs the Python package only if needed), SKIP_TESTS=1,
+# TEST_PATHS (test files or folders, default tests/), SKIP_MICRO=1,
 # SKIP_E2E=1, E2E_ARGS (extra bench_e2e.py arguments, e.g. "--models gpt2_124m"), NCU=1, NCU_SHAPE,
 # NAME (results stem),
 # BENCH_ARGS (extra bench_step.py arguments, e.g. "--shapes llama_1b --dtypes fp32"),
@@ -111,11 +112,14 @@ gpu_tests() {
     local t
     t=$(cap "${TESTS_CAP_S:-240}" $((BENCH_FLOOR + E2E_RESERVE + NCU_RESERVE)))
     no_time "$t" "tests" && return
-    say "tests: pytest -x -m 'gpu or not slow' tests/, limit ${t}s"
-    # SIGINT at the limit: pytest then reports the test it was in and the summary so far.
+    say "tests: pytest -m 'gpu or not slow' ${TEST_PATHS:-tests/}, limit ${t}s"
+    # SIGINT at the limit: pytest then reports the test it was in and the summary so far. No -x:
+    # one failure must not hide the results of the tests after it (one call is all a session
+    # may get).
     echo "=== tests" >>"$LOG"
-    timeout -s INT -k 15 "$t" python3 -m pytest -x -q -p no:cacheprovider -m "gpu or not slow" \
-        --durations=15 tests/ >>"$LOG" 2>&1
+    # shellcheck disable=SC2086  # TEST_PATHS is a list of paths
+    timeout -s INT -k 15 "$t" python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
+        --durations=15 ${TEST_PATHS:-tests/} >>"$LOG" 2>&1
     local rc=$?
     tail -n 25 "$LOG"
     ((rc == 124 || rc == 137 || rc == 2)) && echo "tests: exit $rc; 124/137/2 can mean cut at the ${t}s limit"
