@@ -48,7 +48,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -584,9 +583,8 @@ def parse_args(argv=None):
 
 
 def default_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "e2e_cpu"
-    return "e2e_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return bench_report.results_name("e2e", torch.cuda.get_device_name(device)
+                                      if device.type == "cuda" else None)
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 
 # The fusedopt rows the speedup ratios are taken against: the eager full step with statistics off,
@@ -19,6 +20,14 @@ SPEEDUP_TARGETS = {"gpt2_124m": 3.0, "llama_1b": 1.7, "convnet_1200": 15.0}
 COPY_BW_TARGETS = {"fusedopt_triton": 0.85, "fusedopt_cuda": 0.88}
 STATS_OVERHEAD_MAX = 0.03
 CUDA_VS_TRITON_MAX = 1.03
+
+
+def results_name(prefix: str, device_name: str | None) -> str:
+    """The results file stem: <prefix>_<device slug> (e.g. step_nvidia-h100-80gb-hbm3), or
+    <prefix>_cpu without a GPU."""
+    if device_name is None:
+        return f"{prefix}_cpu"
+    return f"{prefix}_" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
 def percentile(samples: Iterable[float], q: float) -> float:

@@ -649,10 +649,8 @@ def parse_args(argv=None):
 
 
 def default_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "step_cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return f"step_{slug}"
+    return bench_report.results_name("step", torch.cuda.get_device_name(device)
+                                      if device.type == "cuda" else None)
 
 
 def child_main(args, device) -> int:

@@ -16,7 +16,7 @@ UNSUPPORTED_OPTIONS = ("amsgrad", "maximize", "differentiable")
 
 def state_dict(optimizer):
     engine, names = optimizer.engine, optimizer.algorithm.STATE
-    entries = list(optimizer._entries())
+    entries = list(optimizer.entries())
     steps = {p: float(engine.step_count(p)) for p, _, _ in entries}
     state = {}
     for index, (p, _, _) in enumerate(entries):

@@ -42,7 +42,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.collect_stats = stats
         self.engine = None
         super().__init__(params, defaults)
-        self.engine = Engine(self.algorithm, list(self._entries()), len(self.param_groups),
+        self.engine = Engine(self.algorithm, list(self.entries()), len(self.param_groups),
                              backend)
         self._bind_state()
 
@@ -90,7 +90,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"corrected must be True or False, got {group['corrected']!r}")
         self.algorithm.validate(group)
 
-    def _entries(self):
+    def entries(self):
         """(param, group index, name) in optimizer order, the order of state_dict."""
         index = 0
         for gi, group in enumerate(self.param_groups):
@@ -100,13 +100,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 index += 1
 
     def _rebuild(self):
-        self.engine.rebuild(list(self._entries()), len(self.param_groups))
+        self.engine.rebuild(list(self.entries()), len(self.param_groups))
         self._bind_state()
 
     def _bind_state(self):
         """opt.state[p] exposes the engine's flat state as torch.optim's per-param state."""
         self.state.clear()
-        for p, _, _ in self._entries():
+        for p, _, _ in self.entries():
             entry = {"step": self.engine.step_count(p)}
             for name in self.algorithm.STATE:
                 entry[name] = self.engine.state_view(p, name)
@@ -179,7 +179,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         state.pop("algorithm_name")
         super().__setstate__({**state, "state": defaultdict(dict)})
         self.algorithm = importlib.import_module(f"fusedopt.algorithms.{self.ALGORITHM}")
-        self.engine = Engine(self.algorithm, list(self._entries()), len(self.param_groups),
+        self.engine = Engine(self.algorithm, list(self.entries()), len(self.param_groups),
                              self.backend)
         with torch.no_grad():
             for p, entry in saved.items():
