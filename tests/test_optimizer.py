@@ -453,9 +453,10 @@ def test_params_that_are_views_of_one_buffer_keep_aliasing_it(backend):
     torch.testing.assert_close(buffer, torch.cat([t.detach().reshape(-1) for t in theirs]))
 
 
-def test_overlapping_params_are_named():
+@pytest.mark.parametrize("second", [slice(50, None), slice(0, 60)], ids=["partly", "the same"])
+def test_overlapping_params_are_named(second):
     buffer = torch.zeros(100)
-    a, b = torch.nn.Parameter(buffer[:60]), torch.nn.Parameter(buffer[50:])
+    a, b = torch.nn.Parameter(buffer[:60]), torch.nn.Parameter(buffer[second])
     with pytest.raises(ValueError, match="param0 and param1 overlap"):
         fusedopt.AdamW([a, b])
 
@@ -483,3 +484,17 @@ def test_channels_last_params_and_foreign_grad_layouts_match_the_reference(backe
     assert opt.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()
     for a, b in zip(conv.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_a_bad_value_set_between_steps_is_refused_every_time():
+    net = model()
+    opt = fusedopt.AdamW(net.parameters())
+    train(opt, net, 1)
+    opt.param_groups[0]["lr"] = -1.0
+    for _ in range(2):  # caught and stepped again: still refused, nothing uploaded
+        with pytest.raises(ValueError, match="lr"):
+            train(opt, net, 1)
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    opt.param_groups[0]["lr"] = 1e-3
+    with pytest.raises(ValueError, match="betas"):
+        train(opt, net, 1)

@@ -129,9 +129,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if loss_scale is None:
             loss_scale = ScaleInputs(scale=getattr(self, "grad_scale", None),
                                      found_inf=getattr(self, "found_inf", None))
-        if self.engine.refresh(self.param_groups):
+        if self.engine.refresh(self.param_groups, self.validate_group):
             self._rebuild()
-            self.engine.refresh(self.param_groups)
+            self.engine.refresh(self.param_groups, self.validate_group)
         self.engine.run(loss_scale, self.max_grad_norm, self.collect_stats)
         return loss
 

@@ -20,7 +20,7 @@ class Engine:
 
     `algorithm` is a fusedopt.algorithms module; `entries` the (param, group index, name) of
     every param in optimizer order. Public surface: `devices` (DeviceTables by device),
-    `state_view(p, name)`, `step_count(p)`, `refresh(groups)`, `run(scaling, max_grad_norm,
+    `state_view(p, name)`, `step_count(p)`, `refresh(groups, validate)`, `run(scaling, max_grad_norm,
     collect_stats)`, `rebuild(entries)`.
     """
 
@@ -97,28 +97,31 @@ class Engine:
 
     def _check_overlaps(self, params):
         """Params that share memory update as torch only if they do not overlap."""
-        spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), p)
-                       for p in params if p.numel() and p.device.type != "meta")
-        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-            if start < end:
+        spans = sorted(((p.device, p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), p)
+                        for p in params if p.numel() and p.device.type != "meta"),
+                       key=lambda span: (str(span[0]), span[1], span[2]))
+        for (device_a, _, end, a), (device_b, start, _, b) in zip(spans, spans[1:]):
+            if device_a == device_b and start < end:
                 raise ValueError(f"params: {self.names[a]} and {self.names[b]} overlap in "
                                  "memory; one step would update the shared elements twice")
 
     # ----------------------------------------------------------------- per step
-    def refresh(self, param_groups):
-        """Check every param against the layout, find the grads and upload what changed.
+    def refresh(self, param_groups, validate):
+        """Check every param against the layout, find the grads and upload what changed;
+        `validate(group)` checks a group's hyperparameters before new values are uploaded.
 
         Returns True when the layout must be rebuilt first (a param's dtype or device changed).
         """
         self.staged = []
         self.param_groups = param_groups
+        rows = tuple(self._hyper_row(group) for group in param_groups)
         for ds in self.devices.values():
             if self._gather(ds):
                 return True
-            rows = tuple(self._hyper_row(group) for group in param_groups)
-            if ds.upload_hyper(rows):
+            if rows != ds.uploaded_hyper:
                 for group in param_groups:
-                    self.validate(group)
+                    validate(group)
+                ds.upload_hyper(rows)
             for gi, group in enumerate(param_groups):
                 if torch.is_tensor(group["lr"]):
                     ds.hyper[gi, layout.LR].copy_(group["lr"].reshape(()), non_blocking=True)
@@ -188,9 +191,6 @@ class Engine:
             self._check_dense(p)
         self._check_overlaps(list(self.slots))
         return False
-
-    def validate(self, group):
-        self.algorithm.validate(group)
 
     def _hyper_row(self, group):
         # A tensor lr is copied on the device after the upload; 0.0 holds its column in the host

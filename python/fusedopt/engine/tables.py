@@ -131,12 +131,10 @@ class DeviceTables:
         self.uploaded = rows
 
     def upload_hyper(self, rows):
-        if rows == self.uploaded_hyper:
-            return False
+        """Send the per-group hyperparameter rows (no sync)."""
         refuse_during_capture("a hyperparameter held as a Python number (use a tensor lr)")
         upload(self.hyper, [v for row in rows for v in row], torch.float32)
         self.uploaded_hyper = rows
-        return True
 
 
 def refuse_during_capture(what):
