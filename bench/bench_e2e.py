@@ -17,14 +17,11 @@ Pipelines (lr 3e-4, betas (0.9, 0.95), weight decay 0.1, clip at global norm 1.0
                         step, update; AdamW(fused=True)
   fusedopt_adamw        fp32 params, bf16 autocast; fusedopt.AdamW(max_grad_norm=1.0)
   fusedopt_adamc_stats  the same with fusedopt.AdamC(stats=True); the stats are never read here
-  fusedopt_adamw_bwd_sums  fusedopt_adamw with opt.reduce_grads_in_backward(): gradient norms
-                        reduced in buckets on a side stream during the backward, the step
-                        without its gradient pass (fusedopt/engine/backward_sums.py)
   fusedopt_fp16_scaler  fp16 autocast; fusedopt.GradScaler: scale(loss).backward(), step, update
   torch_bf16_params     model.to(bfloat16), no autocast; clip_grad_norm_ + AdamW(fused=True)
   fusedopt_bf16_params  model.to(bfloat16), no autocast; fusedopt.AdamW(max_grad_norm=1.0)
 Every pipeline ends with zero_grad(set_to_none=True). Compared pairs (fusedopt vs torch):
-adamw, adamc_stats and adamw_bwd_sums vs torch_fused_clip, fp16_scaler vs torch_fp16_scaler, bf16_params vs
+adamw and adamc_stats vs torch_fused_clip, fp16_scaler vs torch_fp16_scaler, bf16_params vs
 torch_bf16_params.
 
 Per iteration, CUDA events at four points (forward | backward | optimizer part), one synchronize at
@@ -185,7 +182,7 @@ def fusedopt_backend(device: torch.device) -> str:
     return "auto" if device.type == "cuda" else "reference"
 
 
-def fusedopt_builder(corrected: bool, stats: bool, scaled: bool, backward_sums: bool = False):
+def fusedopt_builder(corrected: bool, stats: bool, scaled: bool):
     def build(params, device):
         import fusedopt
         cls = fusedopt.AdamC if corrected else fusedopt.AdamW
@@ -193,9 +190,6 @@ def fusedopt_builder(corrected: bool, stats: bool, scaled: bool, backward_sums: 
                   backend=fusedopt_backend(device), stats=stats)
         what = (f"fusedopt.{cls.__name__}(max_grad_norm={MAX_GRAD_NORM}, stats={stats}, "
                 f"backend={fusedopt_backend(device)!r})")
-        if backward_sums:
-            opt.reduce_grads_in_backward()
-            what += ".reduce_grads_in_backward()"
         if not scaled:
             def optimizer_part():
                 opt.step()
@@ -233,9 +227,6 @@ PIPELINES = {p.name: p for p in [
              baseline="torch_fused_clip"),
     Pipeline("fusedopt_adamc_stats", fusedopt_builder(True, True, False), torch.bfloat16,
              baseline="torch_fused_clip"),
-    Pipeline("fusedopt_adamw_bwd_sums", fusedopt_builder(False, False, False, backward_sums=True),
-             torch.bfloat16, baseline="torch_fused_clip",
-             cuda_only="the gradient norms in the backward run on a CUDA side stream"),
     Pipeline("fusedopt_fp16_scaler", fusedopt_builder(False, False, True), torch.float16,
              baseline="torch_fp16_scaler", cuda_only=FP16_CUDA_ONLY),
     Pipeline("torch_bf16_params", build_torch_clip, None, bf16_params=True),

@@ -112,15 +112,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 entry[name] = self.engine.state_view(p, name)
             self.state[p] = entry
 
-    def reduce_grads_in_backward(self, enabled: bool = True):
-        """Experimental, CUDA only: reduce the gradients' norms on a side stream during the
-        backward, in buckets, so that step() skips its gradient pass when every gradient is
-        still the one reduced (fusedopt/engine/backward_sums.py). Off by default."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be True or False, got {enabled!r}")
-        self.engine.grad_sums_in_backward = enabled
-        self._rebuild()
-
     def param_names(self):
         """{param: name} for statistics and error messages."""
         return dict(self.engine.names)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from fusedopt.engine import backends, layout
-from fusedopt.engine.backward_sums import BackwardGradSums
 from fusedopt.engine.reference import ReferenceTensor, reference_step, scaler_update
 from fusedopt.engine.tables import DeviceTables, Segment, is_dense, same_layout
 
@@ -25,19 +24,14 @@ class Engine:
     collect_stats)`, `rebuild(entries)`.
     """
 
-    def __init__(self, algorithm, entries, num_groups, backend, grad_sums_in_backward=False):
+    def __init__(self, algorithm, entries, num_groups, backend):
         self.algorithm = algorithm
         self.backend = backend
         self.num_stats = len(algorithm.STATS)
-        self.grad_sums_in_backward = grad_sums_in_backward
-        self.devices = {}
         self.build(entries, num_groups)
 
     # ----------------------------------------------------------------- layout
     def build(self, entries, num_groups):
-        for ds in self.devices.values():
-            if ds.backward_sums is not None:
-                ds.backward_sums.remove()
         self.names = {p: name for p, _, name in entries}
         self.group_of = {p: gi for p, gi, _ in entries}
         by_device = {}
@@ -69,9 +63,6 @@ class Engine:
             ds.groups = [self.group_of[p] for p in ds.params]
             ds.contiguous = [p.is_contiguous() for p in ds.params]
             ds.all_contiguous = all(ds.contiguous)
-            ds.backward_sums = (BackwardGradSums(ds.device, ds.params)
-                                if self.grad_sums_in_backward and ds.device.type == "cuda"
-                                and ds.backend != "reference" else None)
 
     def rebuild(self, entries, num_groups):
         """A new layout for new params or params whose dtype or device changed; the state
@@ -152,7 +143,6 @@ class Engine:
                     ds.contiguous[i] = p.is_contiguous()
             ds.all_contiguous = all(ds.contiguous)
         grads = [p.grad for p in params]
-        ds.grads_reduced = ds.backward_sums is not None and ds.backward_sums.complete(grads)
         try:
             fast = ds.all_contiguous and all(g is not None and g.is_contiguous() for g in grads)
         except RuntimeError:  # a sparse grad has no is_contiguous: the loop below names it
@@ -234,9 +224,6 @@ class Engine:
         for ds in devices:
             kernels = backends.kernels(ds.backend)
             scale = None if scaling.already_unscaled else scales[ds.device]
-            if ds.grads_reduced:
-                ds.backward_sums.fill(ds.tensor_sums, ds.table, scale)
-                continue
             for seg in ds.segments:
                 block_sums = seg.block_workspace(len(layout.GRAD_SUM_OPS))
                 kernels.grad_norm(seg.dtype, seg.block_tensor, ds.table, scale, block_sums)
