@@ -3,8 +3,9 @@
 The Python package lives in python/fusedopt; the Triton kernels in triton_kernels/ are installed
 inside it as fusedopt.triton_kernels (the top-level name `triton_kernels` belongs to the Triton
 project). The CUDA extension fusedopt._C is built from csrc/ with CMake (CMakeLists.txt) when nvcc
-is present; without nvcc the install goes on without it (one line says so) and the Triton backend
-remains. With nvcc present, a compile error fails the install.
+is present; without nvcc the install goes on without it (a warning says so) and the Triton backend
+remains. With nvcc present, a compile error fails the install. `python -m fusedopt info` says
+whether the extension is there.
 
 Environment:
   FUSEDOPT_CUDA_ARCHS       compute capabilities, CMake list syntax (default "80;90")
@@ -16,12 +17,14 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+DEMO_REQUIRES = ["matplotlib", "tqdm"]
 
 
 def find_nvcc():
@@ -56,8 +59,11 @@ class CMakeBuild(build_ext):
         elif find_nvcc() is None:
             reason = "nvcc not found (PATH, CUDACXX, CUDA_HOME)"
         if reason is not None:
-            print(f"fusedopt: {reason}; skipping the CUDA extension fusedopt._C "
-                  "(the Triton backend is unaffected)", file=sys.stderr)
+            # A warning, not a print: pip hides the build's output unless -v, but pip >= 26
+            # shows the UserWarnings of a build from a local directory (`pip install -e .`).
+            warnings.warn(f"fusedopt: {reason}; the CUDA extension fusedopt._C is not built. "
+                          "The Triton and reference backends work without it; "
+                          "`python -m fusedopt info` shows what is installed.", stacklevel=1)
             # No extension left to build, copy or list among the outputs.
             self.extensions = []
         super().run()
@@ -103,12 +109,17 @@ setup(
     python_requires=">=3.10",
     # torch>=2.6: named parameters in torch.optim param groups ("param_names"), tensor lr in
     # schedulers and torch.amp.GradScaler's grad_scale/found_inf protocol.
-    install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.6", "numpy"],
     extras_require={
+        # The main job, `python -m fusedopt demo`: its figure and progress bars (imported only
+        # there, so the optimizers need neither).
+        "demo": DEMO_REQUIRES,
         "triton": ["triton>=3.1"],
         "tensorboard": ["tensorboard"],
         # transformers: the block classifier's tests build GPT-2 / LLaMA models from configs.
-        "test": ["pytest", "triton>=3.1", "transformers"],
+        # The demo's requirements: tests/test_demo.py runs the demo.
+        # accelerate (the Hugging Face Trainer needs it) and lightning: tests/test_integrations.py.
+        "test": ["pytest", "triton>=3.1", "transformers", "accelerate>=1.1", "lightning>=2.6"] + DEMO_REQUIRES,
     },
-    entry_points={"console_scripts": ["fusedopt-demo=fusedopt.demo:main"]},
+    entry_points={"console_scripts": ["fusedopt-demo=fusedopt.demo:cli"]},
 )

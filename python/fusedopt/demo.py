@@ -10,20 +10,22 @@ This command trains the same model twice, from the same seed, on the same batche
 warmup + cosine-to-zero schedule: once with fusedopt.AdamW, once with fusedopt.AdamC, both with
 clipping and statistics. It writes to --out:
     demo.png      loss, global grad norm, lr, per-layer ||g||/||w|| and ||w|| of both runs
-    steps.jsonl   one JSON object per run and step: lr, loss, step time, every global and
-                  per-tensor statistic of the fused step
-    summary.json  the printed summary table
+    steps.jsonl   one JSON object per run and step: lr, loss, step time, the global statistics
+                  of the fused step and the normalized layers' mean ||g||/||w|| and ||w||; the
+                  per-tensor statistics on step 1, every --tensor-stats-every steps and the last
+    summary.json  the settings and the printed summary table
 
 Surge ratio (the number the summary reports; see `surge_ratio`): the mean global grad norm over
 the last 10% of steps divided by the smallest mean over any window of the same length inside the
 middle of training, steps [T/4, 3T/4).
 
-    python -m fusedopt demo                 # defaults: about 3 minutes on a 2-core CPU
-    python -m fusedopt demo --steps 200 --out /tmp/demo
+    python -m fusedopt demo                 # defaults: about 4.5 minutes on a 2-core CPU
+    python -m fusedopt demo --steps 600 --out /tmp/demo
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import time
@@ -35,6 +37,7 @@ import torch
 import fusedopt
 from fusedopt.demo_data import Batches, Corpus, generate_corpus, load_file
 from fusedopt.demo_model import GPT, GPTConfig, param_groups
+from fusedopt.engine import backends
 from fusedopt.tensorboard import log_stats
 
 RUNS = ("AdamW", "AdamC")
@@ -43,46 +46,102 @@ COLORS = {"AdamW": "tab:red", "AdamC": "tab:blue"}
 BETAS = (0.9, 0.95)
 MAX_GRAD_NORM = 1.0
 VAL_BATCHES = 16
+DEFAULT_OUT = "demo_out"  # .gitignore covers demo_out/ anywhere in the checkout
+
+EPILOG = f"""\
+writes to --out (default ./{DEFAULT_OUT}):
+  demo.png      loss, global grad norm, lr, per-layer ||g||/||w|| and ||w|| of both runs
+  steps.jsonl   one JSON object per run and step: lr, loss, step_ms, "global" (grad norm, clip
+                coefficient, found_inf, loss scale, skipped steps) and "normalized" (mean
+                ||g||/||w|| and combined ||w|| of the normalized layers); "tensors" (every
+                per-tensor statistic) on step 1, every --tensor-stats-every steps and the last
+                (4 MB at the defaults; --tensor-stats-every 1: every step, 71 MB)
+  summary.json  the settings and the summary table printed at the end
+
+time: 2 runs x 6000 steps at the defaults, about 4.5 min on a 2-core CPU (--threads 1); each
+run's bar shows ms per step. A quick look: --steps 600 (about 35 s).
+
+examples:
+  python -m fusedopt demo
+  python -m fusedopt demo --steps 600 --out /tmp/demo
+  python -m fusedopt demo --data my_text.txt --tensorboard runs/demo
+"""
 
 
 @dataclass
 class RunResult:
     name: str
+    # The rows of steps.jsonl.
     steps: list[dict] = field(default_factory=list)
     normalized: list[str] = field(default_factory=list)
+    # ||g||/||w|| of each normalized layer at every step, for the figure (the log holds their
+    # mean at every step and each layer's figures only every --tensor-stats-every steps).
+    layer_ratios: dict[str, list[float]] = field(default_factory=dict)
     val_loss: float = math.nan
     seconds: float = 0.0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None,
+               prog: str = "python -m fusedopt demo") -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="fusedopt demo",
-        description="Train a small GPT with AdamW and with AdamC (same seed, data and schedule) "
-        "and show AdamW's end-of-training gradient-norm surge and AdamC's fix.",
+        prog=prog,
+        description="Train a small GPT twice, with fusedopt.AdamW and with fusedopt.AdamC\n"
+        "(same seed, data and warmup + cosine-to-zero schedule), and show AdamW's\n"
+        "end-of-training gradient-norm surge and AdamC's fix. The data is generated: no\n"
+        "download.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=6000, help="optimizer steps per run")
-    p.add_argument("--warmup", type=float, default=0.05, help="linear warmup, fraction of steps")
+    p.add_argument("--steps", type=int, default=6000,
+                   help="optimizer steps per run (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.05,
+                   help="linear warmup, fraction of the steps (default: %(default)s)")
     # lr * wd * steps = 27 weight-decay timescales, as in real pretraining runs (docs/demo.md).
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--wd", type=float, default=1.5, help="weight decay of the normalized layers")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="peak learning rate (default: %(default)s)")
+    p.add_argument("--wd", type=float, default=1.5,
+                   help="weight decay of the normalized layers (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per step (default: %(default)s)")
+    p.add_argument("--context", type=int, default=64,
+                   help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--n-layer", type=int, default=2,
+                   help="transformer blocks (default: %(default)s)")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads (default: %(default)s)")
+    p.add_argument("--d-model", type=int, default=64, help="model width (default: %(default)s)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
-    p.add_argument("--data", default=None, help="train on this file's bytes instead of the "
-                   "generated corpus")
-    p.add_argument("--out", default="fusedopt-demo", help="output directory")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"],
+                   help="fusedopt backend (default: auto: the CUDA extension, else Triton, on a "
+                   "GPU; the PyTorch reference on a CPU)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="train on this file's bytes instead of the generated corpus")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help="output directory (default: ./%(default)s)")
+    p.add_argument("--tensor-stats-every", type=int, default=500, metavar="N",
+                   help="per-tensor statistics in steps.jsonl (and TensorBoard) on step 1, "
+                   "every N-th step and the last step; 1: every step (default: %(default)s)")
+    # One thread: the README's timing and the exact numbers (a CPU reduction's summation order
+    # follows the thread count) then do not depend on the machine's core count.
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads (torch.set_num_threads); 0: torch's default, one per "
+                   "core (default: %(default)s, which the README's timing used)")
     p.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="also write TensorBoard scalars to DIR/<run> (needs tensorboard)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the init and the batches (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.steps < 20:
         p.error("--steps must be at least 20 (the summary needs windows of 10%% of the steps)")
+    if args.tensor_stats_every < 1:
+        p.error("--tensor-stats-every must be at least 1")
+    if args.threads < 0:
+        p.error("--threads must be 0 (torch's default) or more")
     return args
+
+
+def logs_tensors(step: int, steps: int, every: int) -> bool:
+    """Whether step (1-based) of `steps` carries per-tensor statistics in the log."""
+    return step == 1 or step == steps or step % every == 0
 
 
 def warmup_cosine(steps: int, warmup: int):
@@ -127,14 +186,23 @@ def train(name: str, args: argparse.Namespace, corpus: Corpus, device: torch.dev
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        stats = opt.stats()
-        record = stats.to_dict()  # the one sync of the step: loss and stats come back together
+        # The one sync of the step: loss and statistics come back together.
+        record = opt.stats().to_dict()
         loss_value = float(loss.detach())
         ms = 1e3 * (time.perf_counter() - t0)
-        result.steps.append({"run": name, "step": step, "lr": float(lr), "loss": loss_value,
-                             "step_ms": ms, **record})
+        tensors = record["tensors"]
+        ratios = [tensors[n]["grad_norm"] / tensors[n]["weight_norm"] for n in normalized]
+        for n, ratio in zip(normalized, ratios):
+            result.layer_ratios.setdefault(n, []).append(ratio)
+        weight_norm = math.sqrt(sum(tensors[n]["weight_norm"] ** 2 for n in normalized))
+        row = {"run": name, "step": step, "lr": float(lr), "loss": loss_value, "step_ms": ms,
+               "global": record["global"],
+               "normalized": {"g_over_w": sum(ratios) / len(ratios), "weight_norm": weight_norm}}
+        if logs_tensors(step, args.steps, args.tensor_stats_every):
+            row["tensors"] = tensors
+        result.steps.append(row)
         if writer is not None:
-            log_stats(writer, stats, step)
+            log_stats(writer, {"global": row["global"], "tensors": row.get("tensors", {})}, step)
             writer.add_scalar("train/loss", loss_value, step)
             writer.add_scalar("train/lr", float(lr), step)
         if bar is not None:
@@ -178,12 +246,6 @@ def surge_ratio(values: list[float]) -> float:
     return float(x[-w:].mean() / mid_min)
 
 
-def normalized_ratio(record: dict, names: list[str]) -> float:
-    """Mean over the normalized layers of ||g||/||w||."""
-    tensors = record["tensors"]
-    return sum(tensors[n]["grad_norm"] / tensors[n]["weight_norm"] for n in names) / len(names)
-
-
 def summarize(results: list[RunResult]) -> dict:
     summary = {}
     for r in results:
@@ -191,7 +253,7 @@ def summarize(results: list[RunResult]) -> dict:
         w = max(1, t // 10)
         losses = [s["loss"] for s in r.steps]
         gnorm = [s["global"]["grad_norm"] for s in r.steps]
-        ratio = [normalized_ratio(s, r.normalized) for s in r.steps]
+        ratio = [s["normalized"]["g_over_w"] for s in r.steps]
         summary[r.name] = {
             "val_loss": r.val_loss,
             "train_loss_last_10pct": sum(losses[-w:]) / w,
@@ -243,15 +305,12 @@ def plot(results: list[RunResult], args: argparse.Namespace, device: torch.devic
                       color=color, label=r.name)
         ax_lr.plot(steps, [s["lr"] for s in r.steps], color=color, label=r.name,
                    ls="-" if r.name == "AdamW" else "--")
-        wnorm = [math.sqrt(sum(s["tensors"][n]["weight_norm"] ** 2 for n in r.normalized))
-                 for s in r.steps]
-        ax_wnorm.plot(steps, wnorm, color=color, label=r.name)
+        ax_wnorm.plot(steps, [s["normalized"]["weight_norm"] for s in r.steps], color=color,
+                      label=r.name)
         ax_ratio = ax_ratio_w if r.name == "AdamW" else ax_ratio_c
         cmap = plt.get_cmap("viridis")
         for i, n in enumerate(r.normalized):
-            ratio = [s["tensors"][n]["grad_norm"] / s["tensors"][n]["weight_norm"]
-                     for s in r.steps]
-            ratio = _moving_mean(ratio, smooth)
+            ratio = _moving_mean(r.layer_ratios[n], smooth)
             ratio_max = max(ratio_max, max(ratio))
             ax_ratio.plot(steps, ratio, color=cmap(i / max(1, len(r.normalized) - 1)), lw=1,
                           label=n.removesuffix(".weight"))
@@ -313,16 +372,35 @@ def _summary_writer(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def _check_packages(args: argparse.Namespace) -> None:
+    """Stop before training, not after it, when the figure or the progress bars cannot be made."""
+    needed = ["matplotlib"] + ([] if args.no_progress else ["tqdm"])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"the demo needs {' and '.join(missing)}: pip install "
+                         f"{' '.join(missing)} (or, in the checkout, pip install -e \".[demo]\")")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m fusedopt demo") -> dict:
+    args = parse_args(argv, prog)
+    _check_packages(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # The backend `args.backend` resolves to here (an error now rather than after the data).
+    backend = backends.resolve(args.backend, device, [torch.float32])
     corpus = load_file(args.data) if args.data else generate_corpus()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"data: {corpus.description}, {len(corpus.train)} train tokens, vocab "
           f"{corpus.vocab_size}, unigram entropy {corpus.unigram_entropy():.3f} nats")
-    print(f"device: {device}, backend: {args.backend}, steps: {args.steps}, lr: {args.lr:g}, "
-          f"wd: {args.wd:g}")
+    backend_note = f"{args.backend} -> {backend}" if args.backend == "auto" else backend
+    print(f"device: {device}, backend: {backend_note}, threads: {torch.get_num_threads()}, "
+          f"steps: {args.steps}, lr: {args.lr:g}, wd: {args.wd:g}")
+    if device.type == "cuda" and args.backend == "auto" and backend != "cuda":
+        print("note: the CUDA extension fusedopt._C is not available; `python -m fusedopt info` "
+              "says why")
+    print(f"output: {out.resolve()}")
 
     results = []
     for name in RUNS:
@@ -342,8 +420,21 @@ def main(argv: list[str] | None = None) -> dict:
          "unigram_entropy": corpus.unigram_entropy(), "runs": summary}, indent=2))
     plot(results, args, device, out / "demo.png")
     print_summary(summary, corpus)
-    print(f"\nwrote {out / 'demo.png'}, {out / 'steps.jsonl'}, {out / 'summary.json'}")
+    print(f"\nwrote to {out.resolve()}:")
+    for file_name in ("demo.png", "steps.jsonl", "summary.json"):
+        print(f"  {file_name:<13} {_size(out / file_name)}")
     return summary
+
+
+def _size(path: Path) -> str:
+    size = path.stat().st_size
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+
+
+def cli() -> int:
+    """The fusedopt-demo console script (its return value is the exit status, so not main's)."""
+    main(prog="fusedopt-demo")
+    return 0
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ def resolve(name: str, device: torch.device, dtypes) -> str:
             raise RuntimeError(f"backend='cuda' runs on CUDA tensors; params are on {device}")
         if not available("cuda"):
             raise RuntimeError("backend='cuda' needs the compiled extension fusedopt._C, which "
-                               "is not built: reinstall with nvcc on PATH (pip install -e .), "
-                               "or use backend='triton'")
+                               "is not built: reinstall with nvcc on PATH and without "
+                               "FUSEDOPT_SKIP_CUDA_BUILD (pip install -e .; `python -m fusedopt "
+                               "info` shows what is installed), or use backend='triton'")
     return name
 
 
