@@ -572,13 +572,7 @@ def parse_args(argv=None):
             ap.error(f"--models: unknown {name!r}; choose from {sorted(MODELS)} or {sorted(MODEL_ALIASES)}")
         models += MODEL_ALIASES.get(name, [name])
     args.models = models
-    if args.pipelines == "all":
-        args.pipelines = list(PIPELINES)
-    else:
-        args.pipelines = [v for v in args.pipelines.split(",") if v]
-    bad = [v for v in args.pipelines if v not in PIPELINES]
-    if bad:
-        ap.error(f"--pipelines: unknown {bad}; choose from {list(PIPELINES)}")
+    args.pipelines = bench_report.comma_choices(ap, "--pipelines", args.pipelines, PIPELINES)
     return args
 
 

@@ -30,6 +30,16 @@ def results_name(prefix: str, device_name: str | None) -> str:
     return f"{prefix}_" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
+def comma_choices(ap, flag: str, value: str, table) -> list[str]:
+    """The keys named by a command-line value: 'all' or a comma list; an argparse error naming
+    the unknown ones."""
+    values = list(table) if value == "all" else [v for v in value.split(",") if v]
+    bad = [v for v in values if v not in table]
+    if bad:
+        ap.error(f"{flag}: unknown {bad}; choose from {sorted(table)}")
+    return values
+
+
 def percentile(samples: Iterable[float], q: float) -> float:
     """Linear-interpolated percentile (q in [0, 100]), numpy's default method, without numpy."""
     xs = sorted(samples)

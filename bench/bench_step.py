@@ -638,13 +638,7 @@ def parse_args(argv=None):
             ap.error(f"--{key}: unknown {bad}; choose from {sorted(table)}")
         setattr(args, key, values)
     args.explicit_providers = args.providers != "all"
-    if args.providers == "all":
-        args.providers = list(PROVIDERS)
-    else:
-        args.providers = [v for v in args.providers.split(",") if v]
-        bad = [v for v in args.providers if v not in PROVIDERS]
-        if bad:
-            ap.error(f"--providers: unknown {bad}; choose from {sorted(PROVIDERS)}")
+    args.providers = bench_report.comma_choices(ap, "--providers", args.providers, PROVIDERS)
     return args
 
 
