@@ -212,12 +212,18 @@ class TableColumn {
 __device__ __forceinline__ float inv_scale_of(float scale) { return float(1.0 / double(scale)); }
 
 // k of the decay lr * wd * k: lr / max_lr for corrected groups (AdamC / SGDC / LionC, Defazio
-// 2025, arXiv 2506.02285), else 1. A corrected group with max_lr 0 has lr 0 too (lr = 0 is legal):
-// k = 0 there, not 0/0. In fp64, as python/fusedopt/engine/reference.py decay_multiplier.
+// 2025, arXiv 2506.02285), else 1. max_lr 0 (the default for a group built with lr = 0) gives
+// k = 0, not a division by zero. In fp64, as python/fusedopt/engine/reference.py decay_multiplier.
 __device__ __forceinline__ double decay_multiplier(const float* __restrict__ row) {
   if (row[kCorrected] == 0.f) return 1.0;
   const double max_lr = row[kMaxLr];
   return max_lr > 0.0 ? double(row[kLr]) / max_lr : 0.0;
+}
+
+// 1 - LR * WD * k in fp64, rounded once: the decoupled decay factor of AdamW and Lion (torch's
+// param.mul_(1 - lr * weight_decay) with Python floats).
+__device__ __forceinline__ float decoupled_decay(const float* __restrict__ row) {
+  return float(1.0 - double(row[kLr]) * double(row[kWeightDecay]) * decay_multiplier(row));
 }
 
 // The gradient the update uses, g = (grad * INV_SCALE) * CLIP_COEF: torch's unscale_, then

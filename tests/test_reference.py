@@ -88,19 +88,12 @@ def test_lion_first_step_moves_every_coordinate_by_lr():
     torch.testing.assert_close(opt.state[p]["exp_avg"], 0.01 * p.grad)
 
 
-def test_lionc_decay_is_lr_squared_over_max_lr():
-    p = torch.full((2,), 2.0, dtype=torch.float64, requires_grad=True)
-    opt = fusedopt.LionC([p], lr=0.5, weight_decay=0.1, max_lr=2.0, backend="reference")
-    p.grad = torch.zeros_like(p)
-    opt.step()
-    torch.testing.assert_close(p.detach(), torch.full((2,), 2.0 * (1 - 0.5 * 0.1 * 0.5 / 2.0),
-                                                      dtype=torch.float64))
-
-
-def test_adamc_decay_is_lr_squared_over_max_lr():
-    """With zero gradients Adam's update is zero, so one step isolates the decay factor."""
+@pytest.mark.parametrize("cls", [fusedopt.AdamC, fusedopt.LionC], ids=lambda c: c.__name__)
+def test_corrected_decay_is_lr_squared_over_max_lr(cls):
+    """With zero gradients (and so a zero state) the update is zero, so one step isolates the
+    decay factor."""
     p = torch.full((4,), 2.0, dtype=torch.float64, requires_grad=True)
-    opt = fusedopt.AdamC([p], lr=0.5, weight_decay=0.1, max_lr=2.0, backend="reference")
+    opt = cls([p], lr=0.5, weight_decay=0.1, max_lr=2.0, backend="reference")
     p.grad = torch.zeros_like(p)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((4,), 2.0 * (1 - 0.5 * 0.1 * 0.5 / 2.0),

@@ -43,8 +43,8 @@ def store_rounding(x, dtype: tl.constexpr):
 @triton.jit
 def decay_multiplier(row):
     """k of the decay lr * wd * k in fp64: lr / max_lr for corrected groups (AdamC / SGDC /
-    LionC, Defazio 2025, arXiv 2506.02285), else 1; a corrected group with max_lr 0 has lr 0
-    too (lr = 0 is legal): k = 0 there, not 0/0."""
+    LionC, Defazio 2025, arXiv 2506.02285), else 1; max_lr 0 (the default for a group built
+    with lr = 0) gives k = 0, not a division by zero."""
     max_lr = tl.load(row + MAX_LR).to(tl.float64)
     ratio = tl.load(row + LR).to(tl.float64) / tl.where(max_lr > 0, max_lr, 1.0)
     return tl.where(tl.load(row + CORRECTED) != 0, tl.where(max_lr > 0, ratio, 0.0), 1.0)

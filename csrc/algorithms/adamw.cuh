@@ -46,8 +46,6 @@ struct AdamW {
     Coeffs c;
     c.unscale = GradScale::of(globals);
     const double lr = row[kLr];
-    const double k = decay_multiplier(row);
-    const double wd = row[kWeightDecay];
     const double b1 = row[kBeta1];
     const double b2 = row[kBeta2];
     const double t = step;
@@ -55,7 +53,7 @@ struct AdamW {
     // state: no bias correction then (as fusedopt/algorithms/adamw.py reference_stats).
     const double bc1 = t > 0 ? 1.0 - pow(b1, t) : 1.0;
     const double bc2 = t > 0 ? 1.0 - pow(b2, t) : 1.0;
-    c.decay = float(1.0 - lr * wd * k);
+    c.decay = decoupled_decay(row);
     c.beta1 = float(b1);
     c.one_minus_beta1 = float(1.0 - b1);
     c.beta2 = float(b2);

@@ -35,12 +35,9 @@ struct Lion {
   static __device__ Coeffs make_coeffs(const float* __restrict__ row, float, const float* __restrict__ globals) {
     Coeffs c;
     c.unscale = GradScale::of(globals);
-    const double lr = row[kLr];
-    const double k = decay_multiplier(row);
-    const double wd = row[kWeightDecay];
     const double b1 = row[kBeta1];
     const double b2 = row[kBeta2];
-    c.decay = float(1.0 - lr * wd * k);
+    c.decay = decoupled_decay(row);
     c.lr = row[kLr];
     c.beta1 = float(b1);
     c.one_minus_beta1 = float(1.0 - b1);

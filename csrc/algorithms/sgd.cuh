@@ -36,12 +36,10 @@ struct Sgd {
   static __device__ Coeffs make_coeffs(const float* __restrict__ row, float step, const float* __restrict__ globals) {
     Coeffs c;
     c.unscale = GradScale::of(globals);
-    const double lr = row[kLr];
-    const double k = decay_multiplier(row);
     const double wd = row[kWeightDecay];
     c.lr = row[kLr];
     c.has_weight_decay = wd != 0.0;
-    c.weight_decay = float(wd * k);
+    c.weight_decay = float(wd * decay_multiplier(row));
     c.momentum = row[kMomentum];
     c.has_momentum = row[kMomentum] != 0.f;
     c.one_minus_dampening = float(1.0 - double(row[kDampening]));

@@ -112,10 +112,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 entry[name] = self.engine.state_view(p, name)
             self.state[p] = entry
 
-    def param_names(self):
-        """{param: name} for statistics and error messages."""
-        return dict(self.engine.names)
-
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure=None, *, loss_scale: ScaleInputs | None = None):

@@ -25,9 +25,9 @@ import torch
 CLIP_EPS = 1e-6
 
 
-def decay_multiplier(lr: float, max_lr: float, corrected: bool) -> float:
-    """k in the decay lr * wd * k: lr / max_lr for the corrected optimizers, else 1. A corrected
-    group whose max_lr is 0 has lr 0 too (max_lr >= lr is validated): no decay."""
+def decay_multiplier(lr: float, max_lr: float, corrected) -> float:
+    """k in the decay lr * wd * k: lr / max_lr for the corrected optimizers, else 1. max_lr 0
+    (the default for a group built with lr = 0) gives k = 0, no decay, not a division by zero."""
     if not corrected:
         return 1.0
     return lr / max_lr if max_lr > 0 else 0.0

@@ -47,8 +47,8 @@ class Engine:
                         self._check_dense(p)
                 segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE))
                 offset += len(params)
-            self.devices[device] = DeviceTables(device, segments, num_groups, self.num_stats,
-                                                backend)
+            self.devices[device] = DeviceTables(device, segments, self.group_of, num_groups,
+                                                self.num_stats, backend)
         self._check_overlaps([p for p, _, _ in entries])
         self.slots = {}
         for ds in self.devices.values():
@@ -56,13 +56,6 @@ class Engine:
                 for i, p in enumerate(seg.params):
                     self.slots[p] = (ds, seg, i, seg.tensor_offset + i)
         self.layout_key = {p: (p.device, p.dtype, p.shape) for p, _, _ in entries}
-        for ds in self.devices.values():
-            # Per position, so that the per-step walk indexes lists instead of hashing params
-            # (Tensor.__hash__ is a Python call: 0.2 ms a step at 1200 tensors).
-            ds.known_ptrs = [p.data_ptr() for p in ds.params]
-            ds.groups = [self.group_of[p] for p in ds.params]
-            ds.contiguous = [p.is_contiguous() for p in ds.params]
-            ds.all_contiguous = all(ds.contiguous)
 
     def rebuild(self, entries, num_groups):
         """A new layout for new params or params whose dtype or device changed; the state
@@ -139,9 +132,7 @@ class Engine:
                 if ptr != ds.known_ptrs[i]:
                     if self._moved(p):
                         return True
-                    ds.known_ptrs[i] = ptr
-                    ds.contiguous[i] = p.is_contiguous()
-            ds.all_contiguous = all(ds.contiguous)
+                    ds.note_moved(i, p)
         grads = [p.grad for p in params]
         try:
             fast = ds.all_contiguous and all(g is not None and g.is_contiguous() for g in grads)
@@ -151,10 +142,7 @@ class Engine:
             grad_ptrs, groups = [g.data_ptr() for g in grads], ds.groups
         else:
             grad_ptrs, groups = self._grads_one_by_one(ds, grads)
-        if ds.backend != "reference":
-            ds.upload_addresses(ptrs, grad_ptrs, groups)
-        else:
-            ds.reference_groups = groups
+        ds.upload_addresses(ptrs, grad_ptrs, groups)
         return False
 
     def _grads_one_by_one(self, ds, grads):
@@ -192,14 +180,17 @@ class Engine:
         self._check_overlaps(list(self.slots))
         return False
 
+    def _hyper(self, group, lr):
+        """{hyperparameter: float} of a group, the table's columns, with the given lr."""
+        return {"lr": lr, "max_lr": float(group["max_lr"]),
+                "weight_decay": float(group["weight_decay"]),
+                "corrected": float(group["corrected"]), **self.algorithm.hyper_values(group)}
+
     def _hyper_row(self, group):
         # A tensor lr is copied on the device after the upload; 0.0 holds its column in the host
         # rows (a NaN would compare unequal to itself and force an upload every step).
-        lr = 0.0 if torch.is_tensor(group["lr"]) else float(group["lr"])
-        row = [lr, float(group["max_lr"]), float(group["weight_decay"]),
-               float(group["corrected"])]
-        values = self.algorithm.hyper_values(group)
-        row += [values[name] for name in self.algorithm.HYPER]
+        values = self._hyper(group, 0.0 if torch.is_tensor(group["lr"]) else float(group["lr"]))
+        row = [values[name] for name in layout.hyper_columns(self.algorithm.HYPER)]
         return tuple(row + [0.0] * (layout.HYPER_COLUMNS - len(row)))
 
     def run(self, scaling, max_grad_norm, collect_stats):
@@ -256,14 +247,9 @@ class Engine:
         """The same step through engine/reference.py, one tensor at a time (syncs)."""
         slots, param_groups = [], self.param_groups
         for ds in devices:
-            for position, (p, group_index) in enumerate(zip(ds.params, ds.reference_groups)):
+            for position, (p, group_index) in enumerate(zip(ds.params, ds.uploaded_groups())):
                 group = param_groups[self.group_of[p]]
-                hyper = {"lr": float(group["lr"]), "max_lr": float(group["max_lr"]),
-                         "weight_decay": float(group["weight_decay"]),
-                         "corrected": bool(group["corrected"]),
-                         **self.algorithm.hyper_values(group)}
-                if "nesterov" in hyper:
-                    hyper["nesterov"] = bool(hyper["nesterov"])
+                hyper = self._hyper(group, float(group["lr"]))
                 state = {n: self.state_view(p, n) for n in self.algorithm.STATE}
                 tensor = ReferenceTensor(param=p.data, grad=p.grad if group_index >= 0 else None,
                                          state=state, hyper=hyper,
@@ -284,7 +270,6 @@ class Engine:
             g[layout.INV_SCALE] = 1.0 / scale
             g[layout.SKIPPED_STEPS] += float(found)
             g[layout.SCALE] = new_scale
-            ds.table[layout.GROUP] = torch.tensor(ds.reference_groups, dtype=torch.int64)
         stat_names = [name for name, _ in self.algorithm.STATS]
         for ds, position, t in slots:
             ds.tensor_step[position] = t.step
