@@ -17,19 +17,14 @@ The model has one param no loss reaches: its grad stays None on every rank and i
 as in torch.optim.
 """
 import contextlib
-import os
-import sys
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fusedopt
 from fusedopt.engine import backends, layout
+from ranks import gpu_backends, spawn, two_gpus
 
 STEPS = 4
 BATCH = 12          # splits evenly over 2 ranks
@@ -148,42 +143,6 @@ def assert_reads_grads_in_place(opt, net, device):
         assert address == (0 if p.grad is None else p.grad.data_ptr())
 
 
-# ----------------------------------------------------------------------------- process harness
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, device_type, scenario, kwargs):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if device_type == "cuda":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        device = torch.device("cpu")
-    # A collective that never completes fails the test instead of hanging CI.
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    SCENARIOS[scenario](rank, world, device, **kwargs)
-    # Without this barrier, gloo processes intermittently aborted at teardown ("terminate called
-    # without an active exception") when one rank destroyed the group while another was still
-    # finishing its last collective. On failure the process just exits: spawn reports it.
-    dist.barrier()
-    dist.destroy_process_group()
-    # Even after the barrier, 2 of 12 runs of a scenario aborted the same way while the
-    # interpreter shut down, after every assertion had passed: leave without running static
-    # destructors. A failed assertion raises above and still fails the test.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def spawn(world, scenario, device_type="cpu", **kwargs):
-    mp.spawn(_worker, args=(world, _free_port(), device_type, scenario, kwargs), nprocs=world)
-
-
 # ----------------------------------------------------------------------------- scenarios
 def ddp_matches_single_process(rank, world, device, bucket_view, backend, dtype, tol,
                                stats=True):
@@ -277,14 +236,10 @@ def ddp_with_grad_scaler(rank, world, device, backend, dtype, tol):
     assert_same_params(net, ref_net, tol)
 
 
-SCENARIOS = {f.__name__: f for f in (ddp_matches_single_process,
-                                     inf_on_one_rank_skips_everywhere, ddp_with_grad_scaler)}
-
-
 # ----------------------------------------------------------------------------- CPU tests (gloo)
 @pytest.mark.parametrize("bucket_view", [False, True])
 def test_ddp_matches_single_process(bucket_view):
-    spawn(2, "ddp_matches_single_process", bucket_view=bucket_view, backend="reference",
+    spawn(2, ddp_matches_single_process, bucket_view=bucket_view, backend="reference",
           dtype=torch.float64, tol=F64)
 
 
@@ -297,38 +252,25 @@ def test_ddp_triton_kernels_read_the_bucket_in_place():
         pytest.skip("triton is not installed")
     if not backends.triton_interpreted():
         pytest.skip("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
-    spawn(2, "ddp_matches_single_process", bucket_view=True, backend="triton",
+    spawn(2, ddp_matches_single_process, bucket_view=True, backend="triton",
           dtype=torch.float32, tol=F32, stats=False)
 
 
 def test_inf_on_one_rank_skips_the_step_on_all_ranks():
-    spawn(2, "inf_on_one_rank_skips_everywhere", backend="reference", dtype=torch.float64)
+    spawn(2, inf_on_one_rank_skips_everywhere, backend="reference", dtype=torch.float64)
 
 
 def test_grad_scaler_under_ddp():
-    spawn(2, "ddp_with_grad_scaler", backend="reference", dtype=torch.float64, tol=F64)
+    spawn(2, ddp_with_grad_scaler, backend="reference", dtype=torch.float64, tol=F64)
 
 
 # ----------------------------------------------------------------------------- GPU tests (NCCL)
-two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                              reason="needs 2 CUDA devices")
-
-
-def gpu_backends():
-    names = []
-    if backends.available("triton"):
-        names.append("triton")
-    if torch.cuda.is_available() and backends.available("cuda"):
-        names.append("cuda")
-    return names or ["triton"]
-
-
 @pytest.mark.gpu
 @two_gpus
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("bucket_view", [False, True])
 def test_gpu_ddp_matches_single_gpu(backend, bucket_view):
-    spawn(2, "ddp_matches_single_process", "cuda", bucket_view=bucket_view, backend=backend,
+    spawn(2, ddp_matches_single_process, "cuda", bucket_view=bucket_view, backend=backend,
           dtype=torch.float32, tol=F32)
 
 
@@ -336,11 +278,11 @@ def test_gpu_ddp_matches_single_gpu(backend, bucket_view):
 @two_gpus
 @pytest.mark.parametrize("backend", gpu_backends())
 def test_gpu_inf_on_one_rank_skips_everywhere(backend):
-    spawn(2, "inf_on_one_rank_skips_everywhere", "cuda", backend=backend, dtype=torch.float32)
+    spawn(2, inf_on_one_rank_skips_everywhere, "cuda", backend=backend, dtype=torch.float32)
 
 
 @pytest.mark.gpu
 @two_gpus
 @pytest.mark.parametrize("backend", gpu_backends())
 def test_gpu_grad_scaler_under_ddp(backend):
-    spawn(2, "ddp_with_grad_scaler", "cuda", backend=backend, dtype=torch.float32, tol=F32)
+    spawn(2, ddp_with_grad_scaler, "cuda", backend=backend, dtype=torch.float32, tol=F32)

@@ -1,13 +1,19 @@
 """torch.optim-format state_dicts in and out of a fusedopt optimizer.
 
 Out: per param, `step` as a CPU float32 tensor and copies of the state tensors, keyed by the
-param's index in optimizer order, and the param groups with their hyperparameters, exactly as
-torch.optim.AdamW / SGD write them; params that never stepped have no entry (torch creates state
-at the first step). In: a fusedopt or torch.optim state_dict of the same algorithm and groups.
+param's index in optimizer order, and the param groups with their hyperparameters, as
+torch.optim.AdamW / SGD write them. Every param has an entry, also before its first step (step
+0, zero state; torch.optim then has none, and loads such an entry to the same effect):
+torch.distributed.checkpoint loads into the tensors of a fresh optimizer's state_dict, so those
+must all be there. State of DTensor params (FSDP2) is saved as DTensors with the param's
+placements. In: a fusedopt or torch.optim state_dict of the same algorithm and groups; DTensor
+values are resharded to the param's placements, full tensors sliced to this rank's shard.
 """
 from __future__ import annotations
 
 import torch
+
+from fusedopt import distributed
 
 # Options of torch.optim groups that fusedopt does not implement: a checkpoint that sets one
 # would train differently here, so it is refused.
@@ -20,11 +26,9 @@ def state_dict(optimizer):
     steps = {p: float(engine.step_count(p)) for p, _, _ in entries}
     state = {}
     for index, (p, _, _) in enumerate(entries):
-        if steps[p] == 0:
-            continue
         entry = {"step": torch.tensor(steps[p], dtype=torch.float32)}
         for name in names:
-            entry[name] = engine.state_view(p, name).clone()
+            entry[name] = distributed.like_param(p, engine.state_view(p, name).clone())
         state[index] = entry
     return {"state": state, "param_groups": saved_groups(optimizer)}
 
@@ -71,8 +75,9 @@ def load_state_dict(optimizer, state_dict):
                     target = engine.state_view(p, name)
                     if value is None:
                         target.zero_()
-                    elif value.shape != target.shape:
+                        continue
+                    value = distributed.local_value(p, value, f"{name} of {engine.names[p]}")
+                    if value.shape != target.shape:
                         raise ValueError(f"state_dict: {name} of {engine.names[p]} has shape "
                                          f"{tuple(value.shape)}, expected {tuple(target.shape)}")
-                    else:
-                        target.copy_(value)
+                    target.copy_(value)

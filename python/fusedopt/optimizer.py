@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from fusedopt import checkpoint
+from fusedopt import checkpoint, distributed
 from fusedopt.engine import backends
 from fusedopt.engine.step import Engine, ScaleInputs
 from fusedopt.stats import StepStats
@@ -109,7 +109,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for p, _, _ in self.entries():
             entry = {"step": self.engine.step_count(p)}
             for name in self.algorithm.STATE:
-                entry[name] = self.engine.state_view(p, name)
+                entry[name] = self.engine.owner_state(p, name)
             self.state[p] = entry
 
     # ----------------------------------------------------------------- the step
@@ -181,5 +181,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p, entry in saved.items():
                 self.engine.step_count(p).fill_(float(entry["step"]))
                 for name in self.algorithm.STATE:
-                    self.engine.state_view(p, name).copy_(entry[name])
+                    self.engine.state_view(p, name).copy_(
+                        distributed.local_value(p, entry[name], self.engine.names[p]))
         self._bind_state()

@@ -76,10 +76,13 @@ def compute_view(tensor):
 
 
 def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
-                   external_found_inf=False, want_stats=False):
+                   external_found_inf=False, want_stats=False, reduce_sums=None):
     """One whole fused step over `tensors` (a list of ReferenceTensor), in place.
 
-    algorithm: a fusedopt.algorithms module. Returns the global figures as a dict: grad_norm,
+    algorithm: a fusedopt.algorithms module. `reduce_sums(sums, found_inf)`, if given, turns
+    the per-tensor [sum g^2; non-finite] rows (float64 [2, len(tensors)]) and the external flag
+    ([1]) into the ones the norm and the skip decision use: the sums over every rank's shard
+    for sharded params (fusedopt.distributed). Returns the global figures as a dict: grad_norm,
     clip_coef, found_inf.
     """
     active = [t for t in tensors if t.grad is not None]
@@ -88,6 +91,17 @@ def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
         g = compute_view(t.grad) * inv_scale
         t.stats = {"grad_sumsq": g.square().sum().item(),
                    "nonfinite": not bool(torch.isfinite(g).all())}
+    if reduce_sums is not None:
+        sums = torch.tensor([[t.stats["grad_sumsq"] if t.grad is not None else 0.0
+                              for t in tensors],
+                             [float(t.grad is not None and t.stats["nonfinite"])
+                              for t in tensors]], dtype=torch.float64)
+        sums, found = reduce_sums(sums, torch.tensor([float(external_found_inf)],
+                                                     dtype=torch.float64))
+        for t, sumsq, nonfinite in zip(tensors, *sums.tolist()):
+            if t.grad is not None:
+                t.stats = {"grad_sumsq": sumsq, "nonfinite": nonfinite > 0}
+        external_found_inf = bool(found.item() > 0)
     found_inf = external_found_inf or any(t.stats["nonfinite"] for t in active)
     total_norm = math.sqrt(math.fsum(t.stats["grad_sumsq"] for t in active))
     clip = clip_coefficient(total_norm, max_grad_norm)

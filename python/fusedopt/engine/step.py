@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedopt import distributed
 from fusedopt.engine import backends, layout
 from fusedopt.engine.reference import ReferenceTensor, reference_step, scaler_update
 from fusedopt.engine.tables import DeviceTables, Segment, is_dense, same_layout
@@ -44,12 +45,17 @@ class Engine:
             for dtype, params in by_dtype.items():
                 if backend != "reference":
                     for p in params:
-                        self._check_dense(p)
+                        self._check_dense(p, distributed.local(p))
                 segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE))
                 offset += len(params)
             self.devices[device] = DeviceTables(device, segments, self.group_of, num_groups,
                                                 self.num_stats, backend)
         self._check_overlaps([p for p, _, _ in entries])
+        self.reduction = distributed.ShardReduction.for_params([p for p, _, _ in entries],
+                                                                self.names)
+        if self.reduction is not None and len(self.devices) > 1:
+            raise ValueError("params: DTensor params of one optimizer must live on one device "
+                             "per rank")
         self.slots = {}
         for ds in self.devices.values():
             for seg in ds.segments:
@@ -74,24 +80,30 @@ class Engine:
                     self.state_view(p, name).copy_(value.reshape(p.shape))
 
     def state_view(self, p, name):
+        """The state `name` of p as the kernels hold it (this rank's shard for a DTensor p)."""
         _, seg, i, _ = self.slots[p]
         return seg.state_view(name, i)
+
+    def owner_state(self, p, name):
+        """The state `name` of p shaped as p: a DTensor with p's placements for a DTensor p."""
+        return distributed.like_param(p, self.state_view(p, name))
 
     def step_count(self, p):
         ds, _, _, position = self.slots[p]
         return ds.tensor_step[position]
 
-    def _check_dense(self, p):
-        if not is_dense(p):
-            raise ValueError(f"params: {self.names[p]} (shape {tuple(p.shape)}, strides "
-                             f"{p.stride()}) is not dense in memory; the fused kernels address a "
+    def _check_dense(self, p, tensor):
+        if not is_dense(tensor):
+            raise ValueError(f"params: {self.names[p]} (shape {tuple(tensor.shape)}, strides "
+                             f"{tensor.stride()}) is not dense in memory; the fused kernels address a "
                              "tensor as one span of memory: make it contiguous or use "
                              "backend='reference'")
 
     def _check_overlaps(self, params):
         """Params that share memory update as torch only if they do not overlap."""
-        spans = sorted(((p.device, p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), p)
-                        for p in params if p.numel() and p.device.type != "meta"),
+        tensors = {p: distributed.local(p) for p in params}
+        spans = sorted(((t.device, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), p)
+                        for p, t in tensors.items() if t.numel() and t.device.type != "meta"),
                        key=lambda span: (str(span[0]), span[1], span[2]))
         for (device_a, _, end, a), (device_b, start, _, b) in zip(spans, spans[1:]):
             if device_a == device_b and start < end:
@@ -125,15 +137,14 @@ class Engine:
         uploaded if anything changed. Runs every step, so the common case (nothing moved, every
         param contiguous with a contiguous grad) is three list comprehensions: at 1200 tensors
         each Python operation per param costs about 0.1 ms a step."""
-        params = ds.params
-        ptrs = [p.data_ptr() for p in params]
+        tensors, grads = ds.walked()
+        ptrs = [t.data_ptr() for t in tensors]
         if ptrs != ds.known_ptrs:
-            for i, (p, ptr) in enumerate(zip(params, ptrs)):
+            for i, (p, t, ptr) in enumerate(zip(ds.params, tensors, ptrs)):
                 if ptr != ds.known_ptrs[i]:
-                    if self._moved(p):
+                    if self._moved(p, t):
                         return True
-                    ds.note_moved(i, p)
-        grads = [p.grad for p in params]
+                    ds.note_moved(i, t)
         try:
             fast = ds.all_contiguous and all(g is not None and g.is_contiguous() for g in grads)
         except RuntimeError:  # a sparse grad has no is_contiguous: the loop below names it
@@ -141,14 +152,15 @@ class Engine:
         if fast:
             grad_ptrs, groups = [g.data_ptr() for g in grads], ds.groups
         else:
-            grad_ptrs, groups = self._grads_one_by_one(ds, grads)
+            grad_ptrs, groups = self._grads_one_by_one(ds, tensors, grads)
         ds.upload_addresses(ptrs, grad_ptrs, groups)
         return False
 
-    def _grads_one_by_one(self, ds, grads):
+    def _grads_one_by_one(self, ds, tensors, grads):
         grad_ptrs, groups = [], []
         kernels = ds.backend != "reference"
-        for p, g, group, contiguous in zip(ds.params, grads, ds.groups, ds.contiguous):
+        for p, t, g, group, contiguous in zip(ds.params, tensors, grads, ds.groups,
+                                              ds.contiguous):
             if g is None:
                 grad_ptrs.append(0)
                 groups.append(-1)
@@ -156,18 +168,19 @@ class Engine:
             if g.layout is not torch.strided:
                 raise TypeError(f"grad of {self.names[p]}: sparse gradients are not supported")
             if kernels and not (contiguous and g.is_contiguous()) and not (
-                    is_dense(g) and same_layout(g, p)):
+                    is_dense(g) and same_layout(g, t)):
                 # A grad laid out unlike its param (set by hand, or a view): the kernels walk
                 # both in the param's memory order, so it is copied into that layout first.
-                g = torch.empty_like(p).copy_(g)
+                g = torch.empty_like(t).copy_(g)
                 self.staged.append(g)
             grad_ptrs.append(g.data_ptr())
             groups.append(group)
         return grad_ptrs, groups
 
-    def _moved(self, p):
-        """The param's storage changed. Same dtype, device and shape: only its address is new.
-        A new dtype or device: the layout is rebuilt and the state follows (True)."""
+    def _moved(self, p, tensor):
+        """The param's storage (`tensor`: p or its local shard) changed. Same dtype, device and
+        shape: only its address is new. A new dtype or device: the layout is rebuilt and the
+        state follows (True)."""
         device, dtype, shape = self.layout_key[p]
         if p.shape != shape:
             raise ValueError(f"params: {self.names[p]} changed shape from {tuple(shape)} to "
@@ -176,7 +189,7 @@ class Engine:
         if p.device != device or p.dtype != dtype:
             return True
         if self.devices[p.device].backend != "reference":
-            self._check_dense(p)
+            self._check_dense(p, tensor)
         self._check_overlaps(list(self.slots))
         return False
 
@@ -220,6 +233,11 @@ class Engine:
                 kernels.grad_norm(seg.dtype, seg.block_tensor, ds.table, scale, block_sums)
                 kernels.tensor_reduce(block_sums, seg.tensor_block_start, layout.GRAD_SUM_OPS,
                                       ds.tensor_sums, seg.tensor_offset)
+        found_inf = {ds.device: scaling.found_inf_on(ds.device) for ds in devices}
+        if self.reduction is not None:
+            # One device per rank (checked in build): the shards' sums become the whole tensors'.
+            ds = devices[0]
+            found_inf[ds.device] = self.reduction.sums_(ds.tensor_sums, found_inf[ds.device])
         stat_ops = [op for _, op in self.algorithm.STATS]
         for ds in devices:
             kernels = backends.kernels(ds.backend)
@@ -230,7 +248,7 @@ class Engine:
             updates_scale = scaling.updates_on(ds.device)
             kernels.finalize(sums, ds.table, ds.tensor_step, ds.globals, scales[ds.device],
                              scaling.growth_tracker if updates_scale else None,
-                             scaling.found_inf_on(ds.device), max_grad_norm or 0.0,
+                             found_inf[ds.device], max_grad_norm or 0.0,
                              scaling.growth_factor, scaling.backoff_factor,
                              scaling.growth_interval, updates_scale)
             if scaling.already_unscaled:
@@ -242,16 +260,20 @@ class Engine:
                 if partials is not None:
                     kernels.tensor_reduce(partials, seg.tensor_block_start, stat_ops,
                                           ds.stat_values, seg.tensor_offset)
+            if collect_stats and self.reduction is not None:
+                self.reduction.stats_(ds.stat_values, stat_ops)
 
     def _reference_step(self, devices, scaling, max_grad_norm, collect_stats):
         """The same step through engine/reference.py, one tensor at a time (syncs)."""
         slots, param_groups = [], self.param_groups
         for ds in devices:
-            for position, (p, group_index) in enumerate(zip(ds.params, ds.uploaded_groups())):
+            tensors, grads = ds.walked()
+            for position, (p, t, g, group_index) in enumerate(
+                    zip(ds.params, tensors, grads, ds.uploaded_groups())):
                 group = param_groups[self.group_of[p]]
                 hyper = self._hyper(group, float(group["lr"]))
                 state = {n: self.state_view(p, n) for n in self.algorithm.STATE}
-                tensor = ReferenceTensor(param=p.data, grad=p.grad if group_index >= 0 else None,
+                tensor = ReferenceTensor(param=t.data, grad=g if group_index >= 0 else None,
                                          state=state, hyper=hyper,
                                          step=int(ds.tensor_step[position]))
                 slots.append((ds, position, tensor))
@@ -259,7 +281,7 @@ class Engine:
         result = reference_step(self.algorithm, [t for _, _, t in slots], scale=scale,
                                 max_grad_norm=max_grad_norm,
                                 external_found_inf=scaling.external_found_inf_value(),
-                                want_stats=collect_stats)
+                                want_stats=collect_stats, reduce_sums=self._reduce_sums)
         found = result["found_inf"]
         new_scale = scaling.update_value(found)
         for ds in devices:
@@ -279,6 +301,18 @@ class Engine:
             if collect_stats and active:
                 for c, name in enumerate(stat_names):
                     ds.stat_values[c, position] = t.stats[name]
+        if collect_stats and self.reduction is not None:
+            self.reduction.stats_(devices[0].stat_values, [op for _, op in self.algorithm.STATS])
+
+    def _reduce_sums(self, sums, found_inf):
+        """The reference step's hook between the per-tensor sums and the norm: [2, n] float64
+        sums and a [1] found_inf flag, summed over the shards for DTensor params."""
+        if self.reduction is None:
+            return sums, found_inf
+        device = next(iter(self.devices))  # one per rank (build), where the collective runs
+        sums, found_inf = sums.to(device), found_inf.to(device)
+        found_inf = self.reduction.sums_(sums, found_inf)
+        return sums.cpu(), found_inf.cpu()
 
 
 class ScaleInputs:

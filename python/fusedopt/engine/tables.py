@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedopt import distributed
 from fusedopt.engine import layout
 from fusedopt.engine.layout import BLOCK
 
@@ -54,11 +55,13 @@ class Segment:
 
     def __init__(self, params, device, dtype, tensor_offset, state_names):
         self.params = list(params)
+        # What the kernels walk: the params themselves, or this rank's shards of DTensor params.
+        self.tensors = [distributed.local(p) for p in self.params]
         self.device = device
         self.dtype = dtype
         self.tensor_offset = tensor_offset
         self.state_starts, block_start, total = [], [0], 0
-        for p in self.params:
+        for p in self.tensors:
             self.state_starts.append(total)
             total += layout.padded(p.numel())
             block_start.append(total // BLOCK)
@@ -72,8 +75,8 @@ class Segment:
                        for name in state_names}
 
     def state_view(self, name, i):
-        """Tensor i's state `name` as a view with the param's shape and memory layout."""
-        p = self.params[i]
+        """Tensor i's state `name` as a view with the (local) param's shape and memory layout."""
+        p = self.tensors[i]
         strides = p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
         return self.states[name].as_strided(p.shape, strides, self.state_starts[i])
 
@@ -97,18 +100,23 @@ class DeviceTables:
         self.segments = segments
         self.backend = backend
         self.params = [p for s in segments for p in s.params]
+        tensors = [t for s in segments for t in s.tensors]
+        self.sharded = any(distributed.is_dtensor(p) for p in self.params)
         num_tensors = len(self.params)
         # Per position, what the per-step walk compares against: lists indexed by position, not
         # dicts keyed by params (Tensor.__hash__ is a Python call: 0.2 ms a step at 1200 tensors).
         self.groups = [group_of[p] for p in self.params]
-        self.known_ptrs = [p.data_ptr() for p in self.params]
-        self.contiguous = [p.is_contiguous() for p in self.params]
+        self.known_ptrs = [t.data_ptr() for t in tensors]
+        self.contiguous = [t.is_contiguous() for t in tensors]
         self.all_contiguous = all(self.contiguous)
-        self.static_rows = ([p.numel() for p in self.params],
+        self.static_rows = ([t.numel() for t in tensors],
                             [start for s in segments for start in s.state_starts])
         self.table = torch.zeros(layout.TABLE_ROWS, num_tensors, dtype=torch.int64, device=device)
         self.uploaded = None
-        self.numel = torch.tensor(self.static_rows[0], dtype=torch.int64, device=device)
+        # The whole tensors' element counts (a DTensor's global numel): what the statistics'
+        # means divide by once their sums are reduced over the shards.
+        self.numel = torch.tensor([p.numel() for p in self.params], dtype=torch.int64,
+                                  device=device)
         self.tensor_step = torch.zeros(num_tensors, dtype=torch.float32, device=device)
         self.hyper = torch.zeros(num_groups, layout.HYPER_COLUMNS, dtype=torch.float32,
                                  device=device)
@@ -121,10 +129,17 @@ class DeviceTables:
         self.stat_values = torch.zeros(num_stats, num_tensors, dtype=torch.float32,
                                        device=device)
 
-    def note_moved(self, position, p):
-        """Param `position` now lives at p's (new) storage."""
-        self.known_ptrs[position] = p.data_ptr()
-        self.contiguous[position] = p.is_contiguous()
+    def walked(self):
+        """(tensors, grads) the kernels read this step: the params and their grads, or their
+        local shards for DTensor params."""
+        if self.sharded:
+            return [distributed.local(p) for p in self.params], distributed.local_grads(self.params)
+        return self.params, [p.grad for p in self.params]
+
+    def note_moved(self, position, tensor):
+        """Tensor `position` now lives at a new storage."""
+        self.known_ptrs[position] = tensor.data_ptr()
+        self.contiguous[position] = tensor.is_contiguous()
         self.all_contiguous = all(self.contiguous)
 
     def uploaded_groups(self):
