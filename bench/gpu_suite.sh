@@ -16,7 +16,9 @@
 #      pipeline)                                                                      -> e2e_<device>.json, .md
 #   6. the step benchmark, bench/bench_step.py (writes after every row, so a cut
 #      leaves the rows so far)                                                        -> <name>.json, .md
-#   7. NCU=1 only: Nsight Compute DRAM bytes and % of peak of every kernel of two
+#   7. FSDP=1 only (a machine of 2+ GPUs): bench/bench_fsdp.py under torchrun at each world
+#      size of FSDP_WORLDS (default "1 2", up to the GPU count): LLaMA-1B under FSDP2  -> fsdp_<N>gpu.json, .md
+#   8. NCU=1 only: Nsight Compute DRAM bytes and % of peak of every kernel of two
 #      fused steps (Triton, then CUDA), llama_1b fp32                                -> ncu.txt
 # Eight files at most come back in $OUT, as many as the device returns: hence one log for the
 # build and the tests (their tails are in suite.log too).
@@ -24,7 +26,7 @@
 # Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, TESTS_CAP_S, MICRO_CAP_S, E2E_CAP_S, NCU_CAP_S,
 # SKIP_BUILD=1 (no CUDA build; installs the Python package only if needed), SKIP_TESTS=1,
 # TEST_PATHS (test files or folders, default tests/), SKIP_MICRO=1,
-# SKIP_E2E=1, E2E_ARGS (extra bench_e2e.py arguments, e.g. "--models gpt2_124m"), NCU=1, NCU_SHAPE,
+# SKIP_E2E=1, SKIP_STEP=1, FSDP=1, FSDP_WORLDS, FSDP_CAP_S, FSDP_ARGS, E2E_ARGS (extra bench_e2e.py arguments, e.g. "--models gpt2_124m"), NCU=1, NCU_SHAPE,
 # NAME (results stem),
 # BENCH_ARGS (extra bench_step.py arguments, e.g. "--shapes llama_1b --dtypes fp32"),
 # GIT_COMMIT (recorded in the results; the device's copy of the tree has no .git).
@@ -169,6 +171,24 @@ step_bench() {
     echo "step benchmark: exit $rc"
 }
 
+fsdp_bench() {
+    local t world gpus
+    t=$(cap "${FSDP_CAP_S:-300}" $((NCU_RESERVE + 5)))
+    no_time "$t" "fsdp benchmark" && return
+    gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    # NVLink multicast stays off (the device's KINDS.md): it can take the shared host's GPUs down.
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    for world in ${FSDP_WORLDS:-1 2}; do
+        ((world > gpus)) && { echo "fsdp: $world ranks skipped, $gpus GPUs"; continue; }
+        t=$(cap "${FSDP_CAP_S:-300}" $((NCU_RESERVE + 5)))
+        no_time "$t" "fsdp benchmark at $world ranks" && return
+        say "fsdp benchmark: LLaMA-1B under FSDP2 on $world GPU(s), limit ${t}s"
+        timeout -k 10 "$t" torchrun --standalone --nproc_per_node "$world" bench/bench_fsdp.py \
+            --out "$OUT" ${FSDP_ARGS:-}
+        echo "fsdp benchmark at $world ranks: exit $?"
+    done
+}
+
 ncu_profile() {
     local t
     t=$(cap "${NCU_CAP_S:-120}" 0)
@@ -198,7 +218,8 @@ main() {
     [[ -z ${SKIP_TESTS:-} ]] && gpu_tests
     [[ -z ${SKIP_MICRO:-} ]] && microbench
     [[ -z ${SKIP_E2E:-} ]] && e2e_bench
-    step_bench
+    [[ -z ${SKIP_STEP:-} ]] && step_bench
+    [[ -n ${FSDP:-} ]] && fsdp_bench
     [[ -n ${NCU:-} ]] && ncu_profile
     say "done in $(elapsed)s; the benchmarks' tables (also in $OUT):"
     for md in "$OUT"/*.md; do

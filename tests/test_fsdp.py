@@ -158,6 +158,16 @@ def matches_torch_and_single_process(rank, world, device, backend, dtype, tol, s
         assert_same_params(ours, single, tol)
         assert_same_stats(opt.stats(), single_opt.stats(),
                           STATS_TOL if dtype == torch.float64 else tol)
+    if device.type == "cuda":
+        # The step, with its all-reduce, never waits for the GPU.
+        x, y = batch(STEPS, dtype, device)
+        loss_on_rows(ours, x, y, rank, world).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def inf_on_one_rank_skips_everywhere(rank, world, device, backend, dtype):

@@ -54,15 +54,25 @@ def local_grads(params):
 class ShardReduction:
     """The collectives that turn local per-tensor figures into the full tensors' figures."""
 
-    def __init__(self, mesh, shard_dim):
+    def __init__(self, mesh, shard_dim, stat_ops, device):
         self.mesh = mesh
         self.shard_dim = shard_dim
         self.group = mesh.get_group(shard_dim)
+        # Which statistic rows reduce how, as device index tensors made once: indexing with a
+        # Python list would copy it to the GPU, and wait for that copy, at every step.
+        rows = {op: [i for i, o in enumerate(stat_ops) if o == op] for op in range(len(layout.OPS))}
+        self.summed = torch.tensor(rows[layout.OP_SUM], dtype=torch.int64, device=device)
+        # min(x) = -max(-x): one MAX all-reduce serves both.
+        self.extremes = torch.tensor(rows[layout.OP_MAX] + rows[layout.OP_MIN], dtype=torch.int64,
+                                     device=device)
+        self.extreme_signs = torch.tensor([1.0] * len(rows[layout.OP_MAX])
+                                          + [-1.0] * len(rows[layout.OP_MIN]),
+                                          device=device).unsqueeze(1)
 
     @classmethod
-    def for_params(cls, params, names):
-        """None for plain tensors; the shard group's reduction for DTensor params; raises for
-        layouts whose figures it cannot combine (see the module doc)."""
+    def for_params(cls, params, names, stat_ops, device):
+        """None for plain tensors; the shard group's reduction for DTensor params (all on
+        `device`); raises for layouts whose figures it cannot combine (see the module doc)."""
         sharded = [p for p in params if is_dtensor(p)]
         if not sharded:
             return None
@@ -82,7 +92,7 @@ class ShardReduction:
                 raise ValueError(f"params: {names[p]} is sharded over mesh dimension "
                                  f"{shard_dimension(p, names[p])}, {names[first]} over "
                                  f"{shard_dim}; every param must shard over the same one")
-        return cls(mesh, shard_dim)
+        return cls(mesh, shard_dim, stat_ops, device)
 
     def sums_(self, tensor_sums, found_inf):
         """All-reduce the per-tensor [sum g^2; non-finite] rows in place, with the external
@@ -95,22 +105,16 @@ class ShardReduction:
         tensor_sums.copy_(packed[:-1].reshape(tensor_sums.shape))
         return packed[-1:]
 
-    def stats_(self, stat_values, ops):
-        """All-reduce the statistic columns in place, each with its op (sum, min or max)."""
-        rows = {op: [i for i, o in enumerate(ops) if o == op] for op in range(len(layout.OPS))}
-        summed = rows[layout.OP_SUM]
-        if summed:
-            values = stat_values[summed]
+    def stats_(self, stat_values):
+        """All-reduce the statistic rows in place, each with its op (sum, min or max)."""
+        if len(self.summed):
+            values = stat_values.index_select(0, self.summed)
             dist.all_reduce(values, group=self.group)
-            stat_values[summed] = values
-        extremes = rows[layout.OP_MAX] + rows[layout.OP_MIN]
-        if extremes:
-            # min(x) = -max(-x): one MAX all-reduce serves both.
-            sign = torch.tensor([1.0] * len(rows[layout.OP_MAX]) + [-1.0] * len(rows[layout.OP_MIN]),
-                                device=stat_values.device).unsqueeze(1)
-            values = stat_values[extremes] * sign
+            stat_values.index_copy_(0, self.summed, values)
+        if len(self.extremes):
+            values = stat_values.index_select(0, self.extremes) * self.extreme_signs
             dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
-            stat_values[extremes] = values * sign
+            stat_values.index_copy_(0, self.extremes, values * self.extreme_signs)
 
 
 def shard_dimension(p, name):

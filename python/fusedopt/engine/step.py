@@ -51,11 +51,13 @@ class Engine:
             self.devices[device] = DeviceTables(device, segments, self.group_of, num_groups,
                                                 self.num_stats, backend)
         self._check_overlaps([p for p, _, _ in entries])
-        self.reduction = distributed.ShardReduction.for_params([p for p, _, _ in entries],
-                                                                self.names)
-        if self.reduction is not None and len(self.devices) > 1:
+        sharded = [p for p, _, _ in entries if distributed.is_dtensor(p)]
+        if sharded and len(self.devices) > 1:
             raise ValueError("params: DTensor params of one optimizer must live on one device "
                              "per rank")
+        self.reduction = distributed.ShardReduction.for_params(
+            [p for p, _, _ in entries], self.names, [op for _, op in self.algorithm.STATS],
+            sharded[0].device if sharded else None)
         self.slots = {}
         for ds in self.devices.values():
             for seg in ds.segments:
@@ -261,7 +263,7 @@ class Engine:
                     kernels.tensor_reduce(partials, seg.tensor_block_start, stat_ops,
                                           ds.stat_values, seg.tensor_offset)
             if collect_stats and self.reduction is not None:
-                self.reduction.stats_(ds.stat_values, stat_ops)
+                self.reduction.stats_(ds.stat_values)
 
     def _reference_step(self, devices, scaling, max_grad_norm, collect_stats):
         """The same step through engine/reference.py, one tensor at a time (syncs)."""
@@ -302,7 +304,7 @@ class Engine:
                 for c, name in enumerate(stat_names):
                     ds.stat_values[c, position] = t.stats[name]
         if collect_stats and self.reduction is not None:
-            self.reduction.stats_(devices[0].stat_values, [op for _, op in self.algorithm.STATS])
+            self.reduction.stats_(devices[0].stat_values)
 
     def _reduce_sums(self, sums, found_inf):
         """The reference step's hook between the per-tensor sums and the norm: [2, n] float64
