@@ -21,7 +21,9 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FinalizeArgs a
   int nonfinite = 0;
   for (int64_t t = threadIdx.x; t < a.num_tensors_all; t += kThreads) {
     sums[0] += double(a.tensor_sums[t]);
-    nonfinite |= a.tensor_sums[a.sums_stride + t] != 0.f;
+    // > 0, not != 0: a tensor with no elements (an empty shard) has no blocks, and the max over
+    // no blocks is tensor_reduce's identity, -inf.
+    nonfinite |= a.tensor_sums[a.sums_stride + t] > 0.f;
   }
   const bool external_inf = a.found_inf_in != nullptr && *a.found_inf_in != 0.f;
   // __syncthreads_or hands the flag to every thread, which the step increment below needs.

@@ -58,6 +58,10 @@ class Net(torch.nn.Module):
 
 
 def shard(net, mesh=None):
+    # The mesh on the model's device type: fully_shard's default mesh is on CUDA wherever a GPU
+    # is present, and would move a CPU model there.
+    if mesh is None:
+        mesh = init_device_mesh(next(net.parameters()).device.type, (dist.get_world_size(),))
     # mid.weight on dim 1: FSDP2 allows any Shard(d); the figures combine the same way.
     fully_shard(net.mid, mesh=mesh,
                 shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 else None)

@@ -270,3 +270,16 @@ def test_views_at_unaligned_offsets_and_channels_last_match_the_reference(gpu_ba
     for name, figures in stats["tensors"].items():
         assert figures["grad_norm"] == pytest.approx(ref_stats["tensors"][name]["grad_norm"],
                                                      rel=1e-4)
+
+
+def test_an_empty_param_with_a_gradient_does_not_skip_the_step(gpu_backend):
+    """A tensor with no elements has no blocks: its non-finite flag is the max over none, -inf,
+    which must not count as an inf (FSDP2 gives ranks past a small param's rows empty shards)."""
+    weight = torch.ones(64, device="cuda", requires_grad=True)
+    empty = torch.ones(0, 8, device="cuda", requires_grad=True)
+    opt = fusedopt.AdamW([weight, empty], lr=1e-2, backend=gpu_backend)
+    ((weight * 2).sum() + empty.sum()).backward()
+    assert empty.grad is not None
+    opt.step()
+    assert not opt.stats().to_dict()["global"]["found_inf"]
+    assert not torch.equal(weight.detach(), torch.ones_like(weight))

@@ -97,6 +97,9 @@ class ShardReduction:
     def sums_(self, tensor_sums, found_inf):
         """All-reduce the per-tensor [sum g^2; non-finite] rows in place, with the external
         found_inf (None or a [1] tensor) in the same call; returns the reduced found_inf."""
+        # An empty shard's flag is the max over no blocks, -inf: summed with another rank's 1 it
+        # would hide that rank's inf. Clamped to 0, the sum is > 0 exactly when some rank found one.
+        tensor_sums[1].clamp_(min=0.0)
         if found_inf is None:
             dist.all_reduce(tensor_sums, group=self.group)
             return None
