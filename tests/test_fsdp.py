@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
 import fusedopt
@@ -174,10 +175,16 @@ def matches_torch_and_single_process(rank, world, device, backend, dtype, tol, s
             torch.cuda.set_sync_debug_mode("default")
 
 
-def inf_on_one_rank_skips_everywhere(rank, world, device, backend, dtype):
+def inf_on_one_rank_skips_everywhere(rank, world, device, backend, dtype, torch_scaler=False):
+    """fusedopt.GradScaler: the step's all-reduce carries the flag, every rank updates its scale
+    from it. torch's ShardedGradScaler: its unscale_ all-reduces found_inf (its step alone
+    would not: torch's fused-optimizer path checks each rank's own shards)."""
     net = shard(Net(dtype).to(device))
     opt = fused(groups(net), backend, dtype)
-    scaler = fusedopt.GradScaler(init_scale=2.0 ** 10, growth_interval=1)
+    if torch_scaler:
+        scaler = ShardedGradScaler(device.type, init_scale=2.0 ** 10, growth_interval=1)
+    else:
+        scaler = fusedopt.GradScaler(init_scale=2.0 ** 10, growth_interval=1)
     for step in range(3):
         x, y = batch(step, dtype, device)
         opt.zero_grad()
@@ -189,6 +196,8 @@ def inf_on_one_rank_skips_everywhere(rank, world, device, backend, dtype):
         before = [p.detach().to_local().clone() for p in net.parameters()]
         state_before = {p: {k: full(v).clone() for k, v in opt.state[p].items()}
                         for p in net.parameters()}
+        if torch_scaler:
+            scaler.unscale_(opt)
         scaler.step(opt)
         scaler.update()
         found = opt.stats().to_dict()["global"]
@@ -310,8 +319,10 @@ def test_fsdp_triton_kernels():
           stats=False)
 
 
-def test_fsdp_inf_on_one_rank_skips_everywhere():
-    spawn(2, inf_on_one_rank_skips_everywhere, backend="reference", dtype=torch.float64)
+@pytest.mark.parametrize("torch_scaler", [False, True])
+def test_fsdp_inf_on_one_rank_skips_everywhere(torch_scaler):
+    spawn(2, inf_on_one_rank_skips_everywhere, backend="reference", dtype=torch.float64,
+          torch_scaler=torch_scaler)
 
 
 def test_fsdp_checkpoints_through_dcp(tmp_path):
