@@ -208,6 +208,7 @@ py::dict schema() {
   table_rows["grad_addr"] = int(fo::kGradAddr);
   table_rows["group"] = int(fo::kGroup);
   table_rows["numel"] = int(fo::kNumel);
+  table_rows["block_start"] = int(fo::kBlockStart);
   table_rows["state_start"] = int(fo::kStateStart);
   py::dict common_hyper;
   common_hyper["lr"] = int(fo::kLr);
@@ -239,6 +240,7 @@ py::dict schema() {
   }
   py::dict out;
   out["block"] = fo::kBlock;
+  out["state_align"] = fo::kStateAlign;
   out["table_rows"] = table_rows;
   out["common_hyper"] = common_hyper;
   out["first_algorithm_column"] = int(fo::kFirstAlgorithmColumn);

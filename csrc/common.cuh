@@ -76,7 +76,7 @@ struct RawSlots {
 
 // Element mapping of one BLOCK onto a thread's kPerThread slots. Every array is addressed from a
 // base pointer at the block's first element: params and grads at the tensor's element
-// b * kBlock - STATE_START (pointer arithmetic in 64 bits), states at b * kBlock of the segment;
+// b * kBlock - BLOCK_START (pointer arithmetic in 64 bits), states at STATE_START plus that element;
 // offsets inside a block stay below kBlock.
 // Full path (the block lies entirely inside the tensor and every base pointer is 16-byte aligned):
 //   slot k * W + j <-> element (k * kThreads + tid) * W + j, W = kVec of the storage dtype, so
@@ -191,9 +191,9 @@ class TableColumn {
 
   __device__ __forceinline__ int64_t operator[](int row) const { return column_[row * stride_]; }
 
-  // The tensor's element under the first slot of segment block `block`: b * kBlock - STATE_START.
+  // The tensor's element under the first slot of segment block `block`: b * kBlock - BLOCK_START.
   __device__ __forceinline__ int64_t first_element(int64_t block) const {
-    return block * kBlock - (*this)[kStateStart];
+    return block * kBlock - (*this)[kBlockStart];
   }
 
   // The param (kParamAddr) or grad (kGradAddr) storage at element `element` of the tensor.

@@ -1,6 +1,6 @@
 // grad_norm: launch 1 of the fused step (docs/kernel_contract.md). One thread block per BLOCK of a
 // segment reads its tensor's gradient through the tensor table (GRAD_ADDR[t] + e,
-// e = b * BLOCK + j - STATE_START[t]) and writes
+// e = b * BLOCK + j - BLOCK_START[t]) and writes
 //   block_sums[0, b] = sum over the block of (grad * inv_scale)^2, accumulated in fp32,
 //   block_sums[1, b] = 1 if any grad * inv_scale in the block is inf/NaN, else 0,
 // with inv_scale = 1/scale (1 without a scaler). Blocks of skipped tensors (group -1) write 0, 0

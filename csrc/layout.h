@@ -11,9 +11,13 @@
 
 namespace fusedopt {
 
-// Elements per thread block: 16 KB of fp32, the unit of state allocation. A tensor's state starts
-// at a multiple of it in its segment, so no block spans two tensors.
+// Elements per thread block: 16 KB of fp32. A tensor takes whole blocks of its segment, so no block
+// spans two tensors.
 constexpr int kBlock = 4096;
+
+// A tensor's state starts at a multiple of kStateAlign elements of its segment's state buffers:
+// 128 bytes of fp32, so 16-byte vector loads of the state stay aligned.
+constexpr int kStateAlign = 32;
 
 // Rows of the per-device tensor table, int64 [kTableRows, T_dev] (column t = tensor t).
 enum TableRow : int {
@@ -21,8 +25,11 @@ enum TableRow : int {
   kGradAddr = 1,    // the gradient's data_ptr(), same strides as the param; 0 without a gradient
   kGroup = 2,       // param group, -1 when the tensor has no gradient this step
   kNumel = 3,       // elements of the tensor
-  kStateStart = 4,  // element offset of the tensor's state in its segment (first block * kBlock)
-  kTableRows = 5,
+  kBlockStart = 4,  // the tensor's first block in its segment * kBlock: block b starts at element
+                    // b * kBlock - kBlockStart of the tensor
+  kStateStart = 5,  // element offset of the tensor's state in the segment's state buffers
+                    // (a multiple of kStateAlign)
+  kTableRows = 6,
 };
 
 // Columns of the per-group hyperparameter table, float32 [G, kNumHyper]: these four are common to

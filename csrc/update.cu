@@ -1,8 +1,8 @@
 // update: launch 4 of the fused step (docs/kernel_contract.md). One thread block per BLOCK of a
 // segment applies an algorithm's step to its elements: the block's tensor t = block_tensor[b]
 // comes from the tensor table, its param and grad (storage dtype, where their owners put them) at
-// PARAM_ADDR[t] / GRAD_ADDR[t] + e with e = b * BLOCK + j - STATE_START[t], its state at
-// b * BLOCK + j of state1 / state2. g = (grad * INV_SCALE) * CLIP_COEF; the element math, the
+// PARAM_ADDR[t] / GRAD_ADDR[t] + e with e = b * BLOCK + j - BLOCK_START[t], its state at
+// STATE_START[t] + e of state1 / state2. g = (grad * INV_SCALE) * CLIP_COEF; the element math, the
 // per-block scalars (fp64, rounded once) and the statistics are the algorithm's
 // (csrc/algorithms/<name>.cuh); this file is the one traversal, templated on the algorithm, the
 // storage dtype and the STATS flag. Adding an algorithm: its code in layout.h (Algorithm), its
@@ -60,8 +60,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
     const int64_t first = tensor.first_element(block);
     T* param = tensor.address<T>(kParamAddr, first);
     const T* grad = tensor.address<const T>(kGradAddr, first);
-    float* state1 = a.state1 + block * kBlock;
-    float* state2 = kTwoStates ? a.state2 + block * kBlock : nullptr;
+    const int64_t state_element = tensor[kStateStart] + first;
+    float* state1 = a.state1 + state_element;
+    float* state2 = kTwoStates ? a.state2 + state_element : nullptr;
     const Slots<kVec<T>> slots =
         Slots<kVec<T>>::of(tensor[kNumel] - first, states_aligned && is_aligned16(param) && is_aligned16(grad));
     float p[kPerThread], s1[kPerThread], s2[kPerThread];

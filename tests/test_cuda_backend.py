@@ -93,6 +93,9 @@ def cpu_layout(sizes=(1, 5000)):
     nb, num_tensors = len(blocks), len(sizes)
     table = torch.zeros(layout.TABLE_ROWS, num_tensors, dtype=torch.int64)
     table[layout.NUMEL] = torch.tensor(sizes)
+    # Each tensor's state at its first block's element, as in the padded layouts these tests
+    # were written for; the engine's tests run the packed layout (STATE_ALIGN) on the GPU.
+    table[layout.BLOCK_START] = torch.tensor(state_start)
     table[layout.STATE_START] = torch.tensor(state_start)
     return SimpleNamespace(
         num_blocks=nb, block_tensor=torch.tensor(blocks, dtype=torch.int32), table=table,
@@ -181,15 +184,15 @@ def test_wrong_shapes_and_values_are_named(recorder):
     with pytest.raises(ValueError, match=r"block_sums must have shape \(2, 3\), got \(3, 3\)"):
         cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table, None,
                                torch.zeros(3, nb))
-    with pytest.raises(ValueError, match=r"tensor_table must have shape \(5, T\), got \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"tensor_table must have shape \(6, T\), got \(4, 2\)"):
         cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table[:4], None,
                                lay.block_sums)
     with pytest.raises(ValueError, match=r"tensor_table must be contiguous"):
         cuda_backend.grad_norm(torch.float32, lay.block_tensor,
-                               torch.zeros(5, 4, dtype=torch.int64)[:, ::2], None, lay.block_sums)
+                               torch.zeros(layout.TABLE_ROWS, 4, dtype=torch.int64)[:, ::2], None, lay.block_sums)
     with pytest.raises(ValueError, match=r"tensor_table has no tensors, but block_tensor has 3"):
         cuda_backend.grad_norm(torch.float32, lay.block_tensor,
-                               torch.zeros(5, 0, dtype=torch.int64), None, lay.block_sums)
+                               torch.zeros(layout.TABLE_ROWS, 0, dtype=torch.int64), None, lay.block_sums)
     with pytest.raises(ValueError, match=r"scale must have shape \(1,\)"):
         cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table, torch.ones(2),
                                lay.block_sums)
@@ -208,8 +211,8 @@ def test_wrong_shapes_and_values_are_named(recorder):
         call_update(lay, "lion", state2=lay.state2)
     with pytest.raises(TypeError, match=r"state2 is required, got None"):
         call_update(lay, "adamw", state2=None)
-    with pytest.raises(ValueError, match=r"state1 must have shape \(12288,\), got \(12287,\)"):
-        call_update(lay, "sgd", state1=lay.state1[:-1])
+    with pytest.raises(ValueError, match=r"state2 must have shape \(12288,\), got \(12287,\)"):
+        call_update(lay, "adamw", state2=lay.state2[:-1])
     with pytest.raises(ValueError, match=r"state1 must be contiguous"):
         call_update(lay, "lion", state1=torch.zeros(2 * nb * BLOCK)[::2])
     for algorithm, counts in CONTRACT.items():
@@ -473,6 +476,7 @@ class Segment:
             table[layout.GRAD_ADDR, t] = 0 if grad is None else grad.data_ptr()
             table[layout.GROUP, t] = -1 if grad is None else spec["group"]
             table[layout.NUMEL, t] = self.params[t].numel()
+            table[layout.BLOCK_START, t] = state_start[t]
             table[layout.STATE_START, t] = state_start[t]
         self.table = table.to(device)
         self.groups = table[layout.GROUP].tolist()

@@ -37,6 +37,7 @@ def named(names, prefix=""):
 
 def test_block(schema):
     assert schema["block"] == layout.BLOCK
+    assert schema["state_align"] == layout.STATE_ALIGN
 
 
 def test_table_rows(schema):
@@ -93,7 +94,8 @@ def triton_layout():
 
 
 def test_triton_layout_constants(triton_layout):
-    names = {"BLOCK": layout.BLOCK, "HYPER_COLUMNS": layout.HYPER_COLUMNS,
+    names = {"BLOCK": layout.BLOCK, "STATE_ALIGN": layout.STATE_ALIGN,
+             "HYPER_COLUMNS": layout.HYPER_COLUMNS,
              "FIRST_ALGORITHM_COLUMN": layout.FIRST_ALGORITHM_COLUMN}
     names.update({name.upper(): number for name, number in named(layout.TABLE_ROWS_NAMES).items()})
     names.update({name.upper(): number for name, number in named(layout.COMMON_HYPER).items()})

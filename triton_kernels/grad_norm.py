@@ -8,7 +8,7 @@ of exactly the values the update kernel will use.
 import triton
 import triton.language as tl
 
-from .layout import BLOCK, GRAD_ADDR, GROUP, NUMEL, STATE_START
+from .layout import BLOCK, GRAD_ADDR, GROUP, NUMEL, BLOCK_START
 from .update import triton_dtype
 
 
@@ -23,7 +23,7 @@ def grad_norm_kernel(block_tensor_ptr, table_ptr, num_tensors, scale_ptr, sums_p
     if tl.load(table_ptr + GROUP * num_tensors + tensor) >= 0:
         numel = tl.load(table_ptr + NUMEL * num_tensors + tensor)
         first = tl.multiple_of(pid.to(tl.int64) * BLOCK
-                               - tl.load(table_ptr + STATE_START * num_tensors + tensor), BLOCK)
+                               - tl.load(table_ptr + BLOCK_START * num_tensors + tensor), BLOCK)
         grad_addr = tl.load(table_ptr + GRAD_ADDR * num_tensors + tensor)
         if (first + BLOCK <= numel) & (grad_addr % 16 == 0):
             grad = tl.multiple_of(grad_addr.to(tl.pointer_type(DTYPE)), 16) + first

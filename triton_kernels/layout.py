@@ -8,11 +8,13 @@ import triton.language as tl
 from fusedopt.engine import layout
 
 BLOCK = tl.constexpr(layout.BLOCK)
+STATE_ALIGN = tl.constexpr(layout.STATE_ALIGN)
 
 PARAM_ADDR = tl.constexpr(layout.PARAM_ADDR)
 GRAD_ADDR = tl.constexpr(layout.GRAD_ADDR)
 GROUP = tl.constexpr(layout.GROUP)
 NUMEL = tl.constexpr(layout.NUMEL)
+BLOCK_START = tl.constexpr(layout.BLOCK_START)
 STATE_START = tl.constexpr(layout.STATE_START)
 
 LR = tl.constexpr(layout.LR)

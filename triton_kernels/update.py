@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .algorithms import REGISTRY
 from .layout import (BLOCK, CLIP_COEF, FOUND_INF, GRAD_ADDR, GROUP, HYPER_COLUMNS, INV_SCALE,
-                     NUMEL, PARAM_ADDR, STATE_START)
+                     NUMEL, PARAM_ADDR, BLOCK_START, STATE_ALIGN, STATE_START)
 
 
 @triton.jit
@@ -98,16 +98,18 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
     group = tl.load(table_ptr + GROUP * num_tensors + tensor)
     numel = tl.load(table_ptr + NUMEL * num_tensors + tensor)
-    block_start = pid.to(tl.int64) * BLOCK
     # Both starts are multiples of BLOCK, so the tensor-relative start is one too.
-    first = tl.multiple_of(block_start - tl.load(table_ptr + STATE_START * num_tensors + tensor),
-                           BLOCK)
+    first = tl.multiple_of(pid.to(tl.int64) * BLOCK
+                           - tl.load(table_ptr + BLOCK_START * num_tensors + tensor), BLOCK)
+    # A multiple of STATE_ALIGN (the segment's layout): the hint keeps the state loads vectorized.
+    state_element = tl.multiple_of(tl.load(table_ptr + STATE_START * num_tensors + tensor) + first,
+                                   STATE_ALIGN)
     param_addr = tl.load(table_ptr + PARAM_ADDR * num_tensors + tensor)
     grad_addr = tl.load(table_ptr + GRAD_ADDR * num_tensors + tensor)
     offsets = tl.arange(0, BLOCK)
     mask = offsets < numel - first
-    state1 = state1_ptr + block_start
-    state2 = state2_ptr + block_start
+    state1 = state1_ptr + state_element
+    state2 = state2_ptr + state_element
     row = hyper_ptr + group * HYPER_COLUMNS
     step = tl.load(tensor_step_ptr + tensor).to(tl.int32)
     if group < 0:

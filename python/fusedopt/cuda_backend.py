@@ -250,8 +250,9 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
            globals_, stats_partials) -> None:
     """One step of `algorithm` (a name of layout.ALGORITHMS) over the blocks of one segment whose
     params and grads (at the table's addresses) have storage dtype `dtype`. state1, state2: the
-    algorithm's state buffers in declaration order, float32 [B * BLOCK] (state2 None for a
-    one-state algorithm). stats_partials, if given, float32 [C, B] receives the per-block
+    algorithm's state buffers in declaration order, float32, one shape, holding each tensor's
+    state from the table's STATE_START on (state2 None for a one-state algorithm); their size
+    against the table is the caller's to keep, as the table lives on the device. stats_partials, if given, float32 [C, B] receives the per-block
     statistics partials (C = the algorithm's statistics columns)."""
     c = _load()
     if algorithm not in layout.ALGORITHMS:
@@ -265,10 +266,9 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     code = _storage_dtype(dtype)
     num_blocks, num_tensors = _segment(block_tensor, tensor_table)
     _check("state1", state1, (torch.float32,), 1)
-    _shape("state1", state1, (num_blocks * layout.BLOCK,))
     if states == 2:
         _check("state2", state2, (torch.float32,), 1)
-        _shape("state2", state2, (num_blocks * layout.BLOCK,))
+        _shape("state2", state2, tuple(state1.shape))
     elif state2 is not None:
         raise ValueError(f"state2 must be None for algorithm {algorithm!r} (one state buffer)")
     _check("tensor_step", tensor_step, (torch.float32,), 1)

@@ -6,12 +6,12 @@ param and grad address, group (-1: no grad this step), numel and state offset; t
 it only when an address or the set of tensors with gradients changed (one small asynchronous
 copy from pinned memory, no sync), so in a steady training loop it is never re-sent.
 
-The optimizer owns only its state: per (device, param dtype) a *segment* of flat buffers in
-which every tensor starts at a multiple of BLOCK. A kernel block therefore never spans two
-tensors, per-tensor figures are sums of per-block partials in a fixed order (deterministic, no
-float atomics), and `opt.state[p]` entries are views of the flat state with p's strides.
-Padding costs at most BLOCK - 1 state elements per tensor (1200 tensors: 20 MB of fp32 at
-worst) and no traffic: the kernels mask by the tensor's numel.
+The optimizer owns only its state: per (device, param dtype) a *segment*. Its kernel blocks
+cover one tensor each (a tensor takes ceil(numel / BLOCK) blocks), so per-tensor figures are sums
+of per-block partials in a fixed order (deterministic, no float atomics). Its flat state buffers
+hold each tensor's state from a multiple of STATE_ALIGN (32 elements) on: padding costs at most
+31 elements per tensor and state, and no traffic (the kernels mask by the tensor's numel).
+`opt.state[p]` entries are views of the flat state with p's strides.
 """
 from __future__ import annotations
 
@@ -63,9 +63,10 @@ class Segment:
         self.state_starts, block_start, total = [], [0], 0
         for p in self.tensors:
             self.state_starts.append(total)
-            total += layout.padded(p.numel())
-            block_start.append(total // BLOCK)
-        self.num_blocks = total // BLOCK
+            total += layout.state_span(p.numel())
+            block_start.append(block_start[-1] + layout.blocks_of(p.numel()))
+        self.block_starts = [b * BLOCK for b in block_start[:-1]]
+        self.num_blocks = block_start[-1]
         block_tensor = torch.empty(self.num_blocks, dtype=torch.int32)
         for i in range(len(self.params)):
             block_tensor[block_start[i]:block_start[i + 1]] = tensor_offset + i
@@ -110,6 +111,7 @@ class DeviceTables:
         self.contiguous = [t.is_contiguous() for t in tensors]
         self.all_contiguous = all(self.contiguous)
         self.static_rows = ([t.numel() for t in tensors],
+                            [start for s in segments for start in s.block_starts],
                             [start for s in segments for start in s.state_starts])
         self.table = torch.zeros(layout.TABLE_ROWS, num_tensors, dtype=torch.int64, device=device)
         self.uploaded = None
@@ -157,8 +159,8 @@ class DeviceTables:
             return
         refuse_during_capture("a parameter or gradient address, or which params have "
                               "gradients,")
-        upload(self.table, [*params, *grads, *groups, *self.static_rows[0],
-                            *self.static_rows[1]], torch.int64)
+        upload(self.table, [*params, *grads, *groups,
+                            *(value for row in self.static_rows for value in row)], torch.int64)
         self.uploaded = rows
 
     def upload_hyper(self, rows):
