@@ -707,7 +707,7 @@ def test_grad_norm(cuda, dtype, scaled):
 def test_grad_norm_flags_overflow_of_the_unscaled_value(cuda):
     """The flag is about grad * (1/scale): a finite fp16 grad can overflow once unscaled."""
     grad = torch.full((10,), 60000.0, dtype=torch.float16, device=cuda)
-    table = torch.tensor([[grad.data_ptr()], [grad.data_ptr()], [0], [10], [0]], device=cuda)
+    table = torch.tensor([[grad.data_ptr()], [grad.data_ptr()], [0], [10], [0], [0]], device=cuda)
     block_sums = torch.zeros(2, 1, device=cuda)
     cuda_backend.grad_norm(torch.float16, torch.zeros(1, dtype=torch.int32, device=cuda), table,
                            torch.tensor([2.0**-120], device=cuda), block_sums)
@@ -907,7 +907,7 @@ def test_update_beyond_2_31_elements(cuda):
     grad = torch.empty(n, dtype=torch.bfloat16, device=cuda).normal_()
     m = torch.zeros(num_blocks * BLOCK, device=cuda)
     v = torch.zeros(num_blocks * BLOCK, device=cuda)
-    table = torch.tensor([[param.data_ptr()], [grad.data_ptr()], [0], [n], [0]], device=cuda)
+    table = torch.tensor([[param.data_ptr()], [grad.data_ptr()], [0], [n], [0], [0]], device=cuda)
     block_tensor = torch.zeros(num_blocks, dtype=torch.int32, device=cuda)
     h = dict(lr=1e-2, max_lr=1e-2, weight_decay=0.1, corrected=0.0, beta1=0.9, beta2=0.999,
              eps=1e-8)
