@@ -175,6 +175,20 @@ def matches_torch_and_single_process(rank, world, device, backend, dtype, tol, s
             torch.cuda.set_sync_debug_mode("default")
 
 
+def other_algorithms_match_single_process(rank, world, device, cls, kwargs):
+    """SGD and Lion run through the same engine: FSDP2 against one process on the whole batch."""
+    sharded = shard(Net(torch.float64).to(device))
+    single = Net(torch.float64).to(device)
+    runs = []
+    for net, r, w in ((sharded, rank, world), (single, 0, 1)):
+        opt = cls(groups(net), lr=1e-2, weight_decay=0.1, max_grad_norm=0.05,
+                  backend="reference", stats=True, **kwargs)
+        train(net, opt, STEPS, r, w, torch.float64, device)
+        runs.append(opt)
+    assert_same_params(sharded, single, F64)
+    assert_same_stats(runs[0].stats(), runs[1].stats(), STATS_TOL)
+
+
 def inf_on_one_rank_skips_everywhere(rank, world, device, backend, dtype, torch_scaler=False):
     """fusedopt.GradScaler: the step's all-reduce carries the flag, every rank updates its scale
     from it. torch's ShardedGradScaler: its unscale_ all-reduces found_inf (its step alone
@@ -302,6 +316,12 @@ def refuses_what_it_cannot_reduce(rank, world, device):
 def test_fsdp_matches_torch_and_single_process():
     spawn(2, matches_torch_and_single_process, backend="reference", dtype=torch.float64,
           tol=F64)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(fusedopt.SGDC, {"momentum": 0.9}), (fusedopt.LionC, {})],
+                         ids=["SGDC", "LionC"])
+def test_fsdp_sgd_and_lion_match_single_process(cls, kwargs):
+    spawn(2, other_algorithms_match_single_process, cls=cls, kwargs=kwargs)
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1), (1, 2)])
