@@ -14,6 +14,10 @@ rank:
   torch AdamW -> fusedopt and back, and a checkpoint of 2 ranks loaded at 1 and at 4;
 - layouts whose figures cannot be combined are refused with the param's name.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -358,6 +362,16 @@ def test_fsdp_checkpoint_of_2_ranks_loads_at_other_sizes(tmp_path, world):
 
 def test_fsdp_refuses_layouts_it_cannot_reduce():
     spawn(2, refuses_what_it_cannot_reduce)
+
+
+def test_fsdp_example_trains_and_resumes_bit_exactly():
+    """examples/fsdp_fusedopt.py as a user runs it: torchrun, 2 CPU ranks."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "fsdp_fusedopt.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", str(example), "--steps", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "parameters bit-identical to the uninterrupted run" in result.stdout
 
 
 # ----------------------------------------------------------------------------- GPU tests (NCCL)
