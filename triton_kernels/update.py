@@ -38,6 +38,40 @@ def _store(ptr, offsets, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _combine_master(p, remainder, MASTER_BITS: tl.constexpr):
+    """The fp32 master of a bf16 param (loaded as fp32) and its remainder; the bit operations of
+    fusedopt/engine/master.py, combine."""
+    p_bits = p.to(tl.int32, bitcast=True)
+    if MASTER_BITS == 32:
+        low = remainder.to(tl.int32) & 0xFFFF
+    else:
+        low = remainder.to(tl.int32) << 8
+    carry = (low >= 0x8000).to(tl.int32) << 16
+    master = (p_bits & -0x80000000) | (((p_bits & 0x7FFF0000) - carry) + low)
+    return master.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_master(master, MASTER_BITS: tl.constexpr):
+    """(bf16 param, remainder) of an fp32 master: fusedopt/engine/master.py, split (bf16 to
+    nearest with ties away from zero, which the remainder can be decoded against)."""
+    bits = master.to(tl.int32, bitcast=True)
+    sign = bits & -0x80000000
+    magnitude = bits & 0x7FFFFFFF
+    if MASTER_BITS == 24:
+        magnitude = (magnitude + 0x80) & -0x100
+    low = magnitude & 0xFFFF
+    carry = (low >= 0x8000).to(tl.int32) << 16
+    high = sign | ((magnitude & 0x7FFF0000) + carry)
+    param = (high >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    if MASTER_BITS == 32:
+        remainder = (low - ((low >> 15) << 16)).to(tl.int16)
+    else:
+        remainder = (low >> 8).to(tl.uint8)
+    return param, remainder
+
+
+@triton.jit
 def _store_partials(stats_ptr, stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS: tl.constexpr):
     tl.store(stats_ptr + pid, c0)
     tl.store(stats_ptr + stride + pid, c1)
@@ -62,11 +96,14 @@ def _neutral(OPS: tl.constexpr, COLUMN: tl.constexpr):
 
 
 @triton.jit
-def _step_block(param, grad, state1, state2, offsets, mask, row, step, pid, globals_ptr,
-                stats_ptr, stats_stride, ALGO_UPDATE: tl.constexpr, ALGO_USES_STATE: tl.constexpr,
-                NUM_STATES: tl.constexpr, NUM_STATS: tl.constexpr, DTYPE: tl.constexpr,
-                STATS: tl.constexpr, MASKED: tl.constexpr):
+def _step_block(param, grad, state1, state2, remainder, offsets, mask, row, step, pid,
+                globals_ptr, stats_ptr, stats_stride, ALGO_UPDATE: tl.constexpr,
+                ALGO_USES_STATE: tl.constexpr, NUM_STATES: tl.constexpr, NUM_STATS: tl.constexpr,
+                DTYPE: tl.constexpr, MASTER_BITS: tl.constexpr, STATS: tl.constexpr,
+                MASKED: tl.constexpr):
     p = _load(param, offsets, mask, MASKED).to(tl.float32)
+    if MASTER_BITS > 0:
+        p = _combine_master(p, _load(remainder, offsets, mask, MASKED), MASTER_BITS)
     g = _load(grad, offsets, mask, MASKED).to(tl.float32)
     g = g * tl.load(globals_ptr + INV_SCALE) * tl.load(globals_ptr + CLIP_COEF)
     uses_state = ALGO_USES_STATE(row)
@@ -76,24 +113,31 @@ def _step_block(param, grad, state1, state2, offsets, mask, row, step, pid, glob
         s1 = _load(state1, offsets, mask, MASKED)
         if NUM_STATES > 1:
             s2 = _load(state2, offsets, mask, MASKED)
-    p_new, s1, s2, c0, c1, c2, c3, c4, c5 = ALGO_UPDATE(p, g, s1, s2, row, step, mask, DTYPE,
-                                                        MASKED, STATS)
+    # With master weights the update stays in fp32 (no rounding to the param's dtype): the
+    # split below keeps it whole (32 bits) or rounds it to 24.
+    p_new, s1, s2, c0, c1, c2, c3, c4, c5 = ALGO_UPDATE(
+        p, g, s1, s2, row, step, mask, tl.float32 if MASTER_BITS > 0 else DTYPE, MASKED, STATS)
     if uses_state:
         if NUM_STATES > 1:
             _store(state2, offsets, s2, mask, MASKED)
         _store(state1, offsets, s1, mask, MASKED)
-    _store(param, offsets, p_new, mask, MASKED)
+    if MASTER_BITS > 0:
+        p_store, r_new = _split_master(p_new, MASTER_BITS)
+        _store(param, offsets, p_store, mask, MASKED)
+        _store(remainder, offsets, r_new, mask, MASKED)
+    else:
+        _store(param, offsets, p_new, mask, MASKED)
     if STATS:
         _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
 
 
 @triton.jit
 def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_ptr,
-                  tensor_step_ptr, hyper_ptr, globals_ptr, stats_ptr, stats_stride,
-                  ALGO_UPDATE: tl.constexpr, ALGO_OBSERVE: tl.constexpr,
+                  remainder_ptr, tensor_step_ptr, hyper_ptr, globals_ptr, stats_ptr,
+                  stats_stride, ALGO_UPDATE: tl.constexpr, ALGO_OBSERVE: tl.constexpr,
                   ALGO_USES_STATE: tl.constexpr, NUM_STATES: tl.constexpr,
                   NUM_STATS: tl.constexpr, STAT_OPS: tl.constexpr, DTYPE: tl.constexpr,
-                  STATS: tl.constexpr):
+                  MASTER_BITS: tl.constexpr, STATS: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
     group = tl.load(table_ptr + GROUP * num_tensors + tensor)
@@ -110,6 +154,7 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
     mask = offsets < numel - first
     state1 = state1_ptr + state_element
     state2 = state2_ptr + state_element
+    remainder = remainder_ptr + state_element
     row = hyper_ptr + group * HYPER_COLUMNS
     step = tl.load(tensor_step_ptr + tensor).to(tl.int32)
     if group < 0:
@@ -122,6 +167,9 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
             # A skipped step reports the unchanged state.
             param = param_addr.to(tl.pointer_type(DTYPE)) + first
             p = tl.load(param + offsets, mask=mask, other=0.0).to(tl.float32)
+            if MASTER_BITS > 0:
+                p = _combine_master(p, tl.load(remainder + offsets, mask=mask, other=0),
+                                    MASTER_BITS)
             s1 = tl.zeros([BLOCK], dtype=tl.float32)
             s2 = tl.zeros([BLOCK], dtype=tl.float32)
             if ALGO_USES_STATE(row):
@@ -133,15 +181,15 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
     elif (first + BLOCK <= numel) & (param_addr % 16 == 0) & (grad_addr % 16 == 0):
         param = tl.multiple_of(param_addr.to(tl.pointer_type(DTYPE)), 16) + first
         grad = tl.multiple_of(grad_addr.to(tl.pointer_type(DTYPE)), 16) + first
-        _step_block(param, grad, state1, state2, offsets, mask, row, step, pid, globals_ptr,
-                    stats_ptr, stats_stride, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS,
-                    DTYPE, STATS, False)
+        _step_block(param, grad, state1, state2, remainder, offsets, mask, row, step, pid,
+                    globals_ptr, stats_ptr, stats_stride, ALGO_UPDATE, ALGO_USES_STATE,
+                    NUM_STATES, NUM_STATS, DTYPE, MASTER_BITS, STATS, False)
     else:
         param = param_addr.to(tl.pointer_type(DTYPE)) + first
         grad = grad_addr.to(tl.pointer_type(DTYPE)) + first
-        _step_block(param, grad, state1, state2, offsets, mask, row, step, pid, globals_ptr,
-                    stats_ptr, stats_stride, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS,
-                    DTYPE, STATS, True)
+        _step_block(param, grad, state1, state2, remainder, offsets, mask, row, step, pid,
+                    globals_ptr, stats_ptr, stats_stride, ALGO_UPDATE, ALGO_USES_STATE,
+                    NUM_STATES, NUM_STATS, DTYPE, MASTER_BITS, STATS, True)
 
 
 _TRITON_DTYPES = {"torch.float32": tl.float32, "torch.bfloat16": tl.bfloat16,
@@ -153,8 +201,10 @@ def triton_dtype(dtype):
 
 
 def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_step, hyper,
-           globals_, stats_partials):
-    """One step of `algorithm` over a segment; see docs/kernel_contract.md."""
+           globals_, stats_partials, remainder=None, master_bits=0):
+    """One step of `algorithm` over a segment; see docs/kernel_contract.md. `remainder` (int16
+    for master_bits 32, uint8 for 24; bf16 params only) holds the master weights' low bits,
+    addressed like the state (fusedopt/engine/master.py)."""
     math = REGISTRY[algorithm]
     stats = stats_partials is not None
     num_blocks = block_tensor.numel()
@@ -162,11 +212,12 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
         return
     update_kernel[(num_blocks,)](
         block_tensor, tensor_table, tensor_table.shape[1], state1,
-        state2 if state2 is not None else state1, tensor_step, hyper, globals_,
+        state2 if state2 is not None else state1,
+        remainder if remainder is not None else state1, tensor_step, hyper, globals_,
         stats_partials if stats else globals_, stats_partials.stride(0) if stats else 0,
         ALGO_UPDATE=math.update, ALGO_OBSERVE=math.observe, ALGO_USES_STATE=math.uses_state,
         NUM_STATES=math.NUM_STATES, NUM_STATS=math.NUM_STATS, STAT_OPS=math.STAT_OPS,
-        DTYPE=triton_dtype(dtype),
+        DTYPE=triton_dtype(dtype), MASTER_BITS=master_bits if remainder is not None else 0,
         STATS=stats,
         # 4 warps (32 elements a thread): 10.28 ms at 1.1B fp32 on the H100 against 11.76 ms
         # with 8 and 11.12 ms with 16 (triton.testing.do_bench medians, one run).

@@ -14,6 +14,12 @@ from __future__ import annotations
 import torch
 
 from fusedopt import distributed
+from fusedopt.engine import master
+
+# The state key of a bf16 param's master-weight remainder (fusedopt/engine/master.py). A
+# checkpoint without it (torch.optim's, or one saved without master weights) loads with the
+# remainder zero: each master starts equal to its param.
+REMAINDER = "master_remainder"
 
 # Options of torch.optim groups that fusedopt does not implement: a checkpoint that sets one
 # would train differently here, so it is refused.
@@ -29,6 +35,9 @@ def state_dict(optimizer):
         entry = {"step": torch.tensor(steps[p], dtype=torch.float32)}
         for name in names:
             entry[name] = distributed.like_param(p, engine.state_view(p, name).clone())
+        remainder = engine.remainder_view(p)
+        if remainder is not None:
+            entry[REMAINDER] = distributed.like_param(p, remainder.clone())
         state[index] = entry
     return {"state": state, "param_groups": saved_groups(optimizer)}
 
@@ -81,3 +90,57 @@ def load_state_dict(optimizer, state_dict):
                         raise ValueError(f"state_dict: {name} of {engine.names[p]} has shape "
                                          f"{tuple(value.shape)}, expected {tuple(target.shape)}")
                     target.copy_(value)
+                remainder = engine.remainder_view(p)
+                if remainder is not None:
+                    value = entry.get(REMAINDER)
+                    if value is None:
+                        remainder.zero_()
+                    else:
+                        remainder.copy_(distributed.local_value(
+                            p, value, f"{REMAINDER} of {engine.names[p]}"))
+
+
+def fp32_model_state_dict(optimizer, model):
+    """model.state_dict() with the optimizer's masters in place of their bf16 params."""
+    engine, bits = optimizer.engine, optimizer.master_weight_bits
+    masters = {}
+    for p, _, _ in optimizer.entries():
+        remainder = engine.remainder_view(p)
+        if remainder is not None:
+            local = distributed.local(p).detach()
+            masters[p] = distributed.like_param(p, master.combine(local, remainder, bits))
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    state_dict = model.state_dict()
+    for p, value in masters.items():
+        if id(p) not in names:
+            raise ValueError(f"fp32_model_state_dict: {optimizer.engine.names[p]} is not a "
+                             "parameter of this model")
+        state_dict[names[id(p)]] = value
+    return state_dict
+
+
+def load_fp32_model_state_dict(optimizer, model, state_dict):
+    """Load fp32 (or any float) weights: params with a master take split(value)."""
+    engine, bits = optimizer.engine, optimizer.master_weight_bits
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    optimized = {p for p, _, _ in optimizer.entries()}
+    rest = {}
+    with torch.no_grad():
+        for name, value in state_dict.items():
+            p = by_name.get(name)
+            remainder = engine.remainder_view(p) if p in optimized else None
+            if remainder is None:
+                rest[name] = value
+                continue
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"state_dict: {name} has shape {tuple(value.shape)}, the param "
+                                 f"{tuple(p.shape)}")
+            local_value = distributed.local_value(p, value.float(), name)
+            param, low = master.split(local_value.to(remainder.device), bits)
+            distributed.local(p).copy_(param)
+            remainder.copy_(low)
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    loaded = set(state_dict)
+    missing = [name for name in missing if name not in loaded]
+    if missing or unexpected:
+        raise ValueError(f"state_dict: missing {missing}, unexpected {unexpected}")

@@ -247,7 +247,7 @@ def finalize(tensor_sums, tensor_table, tensor_step, globals_, scale, growth_tra
 
 
 def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_step, hyper,
-           globals_, stats_partials) -> None:
+           globals_, stats_partials, remainder=None, master_bits=0) -> None:
     """One step of `algorithm` (a name of layout.ALGORITHMS) over the blocks of one segment whose
     params and grads (at the table's addresses) have storage dtype `dtype`. state1, state2: the
     algorithm's state buffers in declaration order, float32, one shape, holding each tensor's
@@ -255,6 +255,9 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     against the table is the caller's to keep, as the table lives on the device. stats_partials, if given, float32 [C, B] receives the per-block
     statistics partials (C = the algorithm's statistics columns)."""
     c = _load()
+    if remainder is not None:
+        raise ValueError("master_weight_bits: the CUDA kernels do not implement master weights "
+                         "yet; use backend='triton' or 'reference'")
     if algorithm not in layout.ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(map(repr, layout.ALGORITHMS))}, "
                          f"got {algorithm!r}")

@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from fusedopt import checkpoint, distributed
-from fusedopt.engine import backends
+from fusedopt.engine import backends, master
 from fusedopt.engine.step import Engine, ScaleInputs
 from fusedopt.stats import StepStats
 
@@ -28,7 +28,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # unscaling the gradients itself (torch/amp/grad_scaler.py, GradScaler.step).
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults, *, max_grad_norm, backend, stats):
+    def __init__(self, params, defaults, *, max_grad_norm, backend, stats,
+                 master_weight_bits=None):
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
                                               and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be None or a positive finite number, got {max_grad_norm!r}")
@@ -36,6 +37,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
         if not isinstance(stats, bool):
             raise TypeError(f"stats must be True or False, got {stats!r}")
+        if master_weight_bits is not None and master_weight_bits not in master.BITS:
+            raise ValueError(f"master_weight_bits must be None, 24 or 32, got "
+                             f"{master_weight_bits!r}")
+        if master_weight_bits is not None and backend not in ("auto",) + \
+                backends.MASTER_WEIGHT_BACKENDS:
+            raise ValueError(f"master_weight_bits: backend={backend!r} does not implement "
+                             f"master weights; use one of {backends.MASTER_WEIGHT_BACKENDS} or "
+                             "'auto'")
+        self.master_weight_bits = master_weight_bits
         self.algorithm = importlib.import_module(f"fusedopt.algorithms.{self.ALGORITHM}")
         self.max_grad_norm = max_grad_norm
         self.backend = backend
@@ -43,7 +53,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.engine = None
         super().__init__(params, defaults)
         self.engine = Engine(self.algorithm, list(self.entries()), len(self.param_groups),
-                             backend)
+                             backend, master_weight_bits)
         self._bind_state()
 
     # ----------------------------------------------------------------- parameters
@@ -110,6 +120,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             entry = {"step": self.engine.step_count(p)}
             for name in self.algorithm.STATE:
                 entry[name] = self.engine.owner_state(p, name)
+            remainder = self.engine.remainder_view(p)
+            if remainder is not None:
+                entry[checkpoint.REMAINDER] = remainder
             self.state[p] = entry
 
     # ----------------------------------------------------------------- the step
@@ -149,6 +162,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state_dict = result
         return state_dict
 
+    def fp32_model_state_dict(self, model):
+        """model.state_dict() with every param this optimizer keeps a master for replaced by its
+        fp32 master value (a copy): what an fp32-master pipeline would save."""
+        return checkpoint.fp32_model_state_dict(self, model)
+
+    def load_fp32_model_state_dict(self, model, state_dict):
+        """Load fp32 weights into the model: each param with a master takes the value rounded to
+        bf16 and its remainder the low bits, so the master equals the loaded value (32 bits) or
+        its 24-bit rounding; other entries load as model.load_state_dict loads them."""
+        checkpoint.load_fp32_model_state_dict(self, model, state_dict)
+
     def load_state_dict(self, state_dict):
         """Load a fusedopt or torch.optim state_dict (same algorithm, same groups), with torch's
         load_state_dict pre/post hooks."""
@@ -166,6 +190,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # and builds its own engine over its own params.
         return {"defaults": self.defaults, "param_groups": self.param_groups,
                 "max_grad_norm": self.max_grad_norm, "backend": self.backend,
+                "master_weight_bits": self.master_weight_bits,
                 "collect_stats": self.collect_stats, "algorithm_name": self.ALGORITHM,
                 "saved_state": {p: {k: v.clone() for k, v in s.items()}
                                 for p, s in self.state.items()}}
@@ -176,11 +201,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__({**state, "state": defaultdict(dict)})
         self.algorithm = importlib.import_module(f"fusedopt.algorithms.{self.ALGORITHM}")
         self.engine = Engine(self.algorithm, list(self.entries()), len(self.param_groups),
-                             self.backend)
+                             self.backend, self.master_weight_bits)
         with torch.no_grad():
             for p, entry in saved.items():
                 self.engine.step_count(p).fill_(float(entry["step"]))
                 for name in self.algorithm.STATE:
                     self.engine.state_view(p, name).copy_(
                         distributed.local_value(p, entry[name], self.engine.names[p]))
+                if checkpoint.REMAINDER in entry:
+                    self.engine.remainder_view(p).copy_(entry[checkpoint.REMAINDER])
         self._bind_state()

@@ -88,22 +88,29 @@ class AdamW(FusedOptimizer):
         backend: "auto" (CUDA tensors -> the fastest built GPU backend, CPU -> "reference"),
             "triton", "cuda" or "reference".
         stats: also produce per-tensor weight/update norms and v-hat statistics (opt.stats()).
+        master_weight_bits: None, 32 or 24: keep a master value for every bfloat16 param, as
+            the param plus low bits the optimizer owns (2 or 1 B/param): 32 is fp32 master
+            weights bit for bit, 24 a 16-bit-significand master. The param is the master
+            rounded to bf16 (to nearest, ties away from zero). Triton and reference backends.
     """
 
     ALGORITHM = NAME
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 corrected=False, max_lr=None, max_grad_norm=None, backend="auto", stats=False):
+                 corrected=False, max_lr=None, max_grad_norm=None, backend="auto", stats=False,
+                 master_weight_bits=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         corrected=corrected, max_lr=max_lr)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
-                         stats=stats)
+                         stats=stats, master_weight_bits=master_weight_bits)
 
 
 class AdamC(AdamW):
     """AdamW with the schedule-corrected decay (corrected=True by default); see the module doc."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 corrected=True, max_lr=None, max_grad_norm=None, backend="auto", stats=False):
+                 corrected=True, max_lr=None, max_grad_norm=None, backend="auto", stats=False,
+                 master_weight_bits=None):
         super().__init__(params, lr, betas, eps, weight_decay, corrected=corrected, max_lr=max_lr,
-                         max_grad_norm=max_grad_norm, backend=backend, stats=stats)
+                         max_grad_norm=max_grad_norm, backend=backend, stats=stats,
+                         master_weight_bits=master_weight_bits)

@@ -63,17 +63,20 @@ class Lion(FusedOptimizer):
     ALGORITHM = NAME
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, corrected=False,
-                 max_lr=None, max_grad_norm=None, backend="auto", stats=False):
+                 max_lr=None, max_grad_norm=None, backend="auto", stats=False,
+                 master_weight_bits=None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, corrected=corrected,
                         max_lr=max_lr)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
-                         stats=stats)
+                         stats=stats, master_weight_bits=master_weight_bits)
 
 
 class LionC(Lion):
     """Lion with the schedule-corrected decay (corrected=True by default); see the module doc."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, corrected=True,
-                 max_lr=None, max_grad_norm=None, backend="auto", stats=False):
+                 max_lr=None, max_grad_norm=None, backend="auto", stats=False,
+                 master_weight_bits=None):
         super().__init__(params, lr, betas, weight_decay, corrected=corrected, max_lr=max_lr,
-                         max_grad_norm=max_grad_norm, backend=backend, stats=stats)
+                         max_grad_norm=max_grad_norm, backend=backend, stats=stats,
+                         master_weight_bits=master_weight_bits)

@@ -35,14 +35,26 @@ def available(name: str) -> bool:
     return False
 
 
-def resolve(name: str, device: torch.device, dtypes) -> str:
-    """The concrete backend for the tensors of one device; a clear error if it cannot run them."""
+# Master weights for bf16 params (fusedopt/engine/master.py) are in the reference and Triton
+# backends; the CUDA kernels do not have them yet.
+MASTER_WEIGHT_BACKENDS = ("reference", "triton")
+
+
+def resolve(name: str, device: torch.device, dtypes, master_weights: bool = False) -> str:
+    """The concrete backend for the tensors of one device; a clear error if it cannot run them.
+    `master_weights`: the optimizer keeps master weights for its bf16 params."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    masters = master_weights and torch.bfloat16 in dtypes
+    if masters and name not in ("auto",) + MASTER_WEIGHT_BACKENDS:
+        raise ValueError(f"master_weight_bits: backend={name!r} does not implement master "
+                         f"weights; use one of {MASTER_WEIGHT_BACKENDS} (or 'auto')")
     if name == "auto":
         if device.type != "cuda":
             return "reference"
         for candidate in AUTO_GPU_ORDER:
+            if masters and candidate not in MASTER_WEIGHT_BACKENDS:
+                continue
             if available(candidate):
                 name = candidate
                 break

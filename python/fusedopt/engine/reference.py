@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fusedopt.engine import master
+
 # clip_grad_norm_ adds this to the norm before dividing (torch.nn.utils.clip_grad_norm_).
 CLIP_EPS = 1e-6
 
@@ -60,7 +62,9 @@ class ReferenceTensor:
     `state` holds the algorithm's state tensors by name; `hyper` the group's lr, max_lr,
     weight_decay, corrected and the algorithm's own hyperparameters. `step` is the count of
     steps taken so far; `grad` None means the tensor is skipped, as in torch.optim. `stats` gets
-    grad_sumsq, nonfinite and, with statistics, the algorithm's STATS column values.
+    grad_sumsq, nonfinite and, with statistics, the algorithm's STATS column values. A bf16
+    param with master weights has its `remainder` and `master_bits` (fusedopt/engine/master.py):
+    the step updates the fp32 master and splits it back.
     """
     param: torch.Tensor
     grad: torch.Tensor | None
@@ -68,6 +72,23 @@ class ReferenceTensor:
     hyper: dict
     step: int = 0
     stats: dict = field(default_factory=dict)
+    remainder: torch.Tensor | None = None
+    master_bits: int | None = None
+
+    def value(self):
+        """The param as the update sees it: its fp32 master, or the param in compute dtype."""
+        if self.remainder is not None:
+            return master.combine(self.param, self.remainder, self.master_bits)
+        return compute_view(self.param)
+
+    def store(self, value):
+        """Write an updated value back: split into param and remainder, or cast to the param."""
+        if self.remainder is not None:
+            param, remainder = master.split(value, self.master_bits)
+            self.param.copy_(param)
+            self.remainder.copy_(remainder)
+        else:
+            self.param.copy_(value)
 
 
 def compute_view(tensor):
@@ -106,9 +127,10 @@ def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
     total_norm = math.sqrt(math.fsum(t.stats["grad_sumsq"] for t in active))
     clip = clip_coefficient(total_norm, max_grad_norm)
     for t in active:
-        old_param = compute_view(t.param).clone()
+        old_param = t.value().clone()
         state_before = {name: value.clone() for name, value in t.state.items()}
         grad = None
+        new_param = old_param
         if not found_inf:
             t.step += 1
             grad = compute_view(t.grad) * inv_scale * clip
@@ -118,9 +140,11 @@ def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
             algorithm.reference_update(param, grad.to(param.dtype), t.state, step=t.step,
                                        lr=t.hyper["lr"],
                                        weight_decay=h.pop("weight_decay") * k, **h)
-            t.param.copy_(param)
+            t.store(param)
+            # Statistics see the stored param, or with master weights the fp32 update before
+            # the split (for 24 bits: before the master is rounded to 24 bits), as the kernels.
+            new_param = param if t.remainder is not None else compute_view(t.param)
         if want_stats:
-            new_param = compute_view(t.param)
             t.stats["weight_sumsq"] = new_param.square().sum().item()
             t.stats["update_sumsq"] = (new_param - old_param).square().sum().item()
             own = algorithm.reference_stats(t.state, grad, state_before, t.step, t.hyper)

@@ -20,14 +20,16 @@ class Engine:
     """The tables and launches of one optimizer over its params.
 
     `algorithm` is a fusedopt.algorithms module; `entries` the (param, group index, name) of
-    every param in optimizer order. Public surface: `devices` (DeviceTables by device),
-    `state_view(p, name)`, `step_count(p)`, `refresh(groups, validate)`, `run(scaling, max_grad_norm,
-    collect_stats)`, `rebuild(entries)`.
+    every param in optimizer order; `master_bits` None, 24 or 32: master weights for bf16 params
+    (fusedopt/engine/master.py). Public surface: `devices` (DeviceTables by device),
+    `state_view(p, name)`, `remainder_view(p)`, `step_count(p)`, `refresh(groups, validate)`,
+    `run(scaling, max_grad_norm, collect_stats)`, `rebuild(entries)`.
     """
 
-    def __init__(self, algorithm, entries, num_groups, backend):
+    def __init__(self, algorithm, entries, num_groups, backend, master_bits=None):
         self.algorithm = algorithm
         self.backend = backend
+        self.master_bits = master_bits
         self.num_stats = len(algorithm.STATS)
         self.build(entries, num_groups)
 
@@ -40,13 +42,20 @@ class Engine:
             by_device.setdefault(p.device, {}).setdefault(p.dtype, []).append(p)
         self.devices = {}
         for device, by_dtype in by_device.items():
-            backend = backends.resolve(self.backend, device, list(by_dtype))
+            if self.master_bits is not None and torch.float16 in by_dtype:
+                p = by_dtype[torch.float16][0]
+                raise ValueError(f"params: {self.names[p]} is float16; master_weight_bits "
+                                 "splits a master into a bfloat16 param and its low bits, so it "
+                                 "takes bfloat16 (and float32, which needs none) params")
+            backend = backends.resolve(self.backend, device, list(by_dtype),
+                                       master_weights=self.master_bits is not None)
             segments, offset = [], 0
             for dtype, params in by_dtype.items():
                 if backend != "reference":
                     for p in params:
                         self._check_dense(p, distributed.local(p))
-                segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE))
+                segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE,
+                                        self.master_bits))
                 offset += len(params)
             self.devices[device] = DeviceTables(device, segments, self.group_of, num_groups,
                                                 self.num_stats, backend)
@@ -69,22 +78,32 @@ class Engine:
         """A new layout for new params or params whose dtype or device changed; the state
         follows, converted to the new state dtype and moved to the new device."""
         saved = {p: (float(self.step_count(p)), {n: self.state_view(p, n).clone()
-                                                 for n in self.algorithm.STATE})
+                                                 for n in self.algorithm.STATE},
+                     self.remainder_view(p))
                  for p in self.slots}
         self.build(entries, num_groups)
         with torch.no_grad():
-            for p, (step, state) in saved.items():
+            for p, (step, state, remainder) in saved.items():
                 if p not in self.slots:
                     continue
                 ds, _, _, position = self.slots[p]
                 ds.tensor_step[position] = step
                 for name, value in state.items():
                     self.state_view(p, name).copy_(value.reshape(p.shape))
+                target = self.remainder_view(p)
+                if target is not None and remainder is not None:
+                    # Same dtype (bf16) on a new device: the master's low bits move with it.
+                    target.copy_(remainder.reshape(target.shape))
 
     def state_view(self, p, name):
         """The state `name` of p as the kernels hold it (this rank's shard for a DTensor p)."""
         _, seg, i, _ = self.slots[p]
         return seg.state_view(name, i)
+
+    def remainder_view(self, p):
+        """The master-weight remainder of p (this rank's shard), None where p keeps no master."""
+        _, seg, i, _ = self.slots[p]
+        return seg.remainder_view(i)
 
     def owner_state(self, p, name):
         """The state `name` of p shaped as p: a DTensor with p's placements for a DTensor p."""
@@ -258,7 +277,8 @@ class Engine:
             for seg in ds.segments:
                 partials = seg.block_workspace(len(stat_ops)) if collect_stats else None
                 kernels.update(self.algorithm.NAME, seg.dtype, seg.block_tensor, ds.table,
-                               *seg.state_pair(), ds.tensor_step, ds.hyper, ds.globals, partials)
+                               *seg.state_pair(), ds.tensor_step, ds.hyper, ds.globals, partials,
+                               seg.remainder, seg.master_bits or 0)
                 if partials is not None:
                     kernels.tensor_reduce(partials, seg.tensor_block_start, stat_ops,
                                           ds.stat_values, seg.tensor_offset)
@@ -275,9 +295,12 @@ class Engine:
                 group = param_groups[self.group_of[p]]
                 hyper = self._hyper(group, float(group["lr"]))
                 state = {n: self.state_view(p, n) for n in self.algorithm.STATE}
+                remainder = self.remainder_view(p)
                 tensor = ReferenceTensor(param=t.data, grad=g if group_index >= 0 else None,
                                          state=state, hyper=hyper,
-                                         step=int(ds.tensor_step[position]))
+                                         step=int(ds.tensor_step[position]), remainder=remainder,
+                                         master_bits=self.master_bits if remainder is not None
+                                         else None)
                 slots.append((ds, position, tensor))
         scale = scaling.scale_value()
         result = reference_step(self.algorithm, [t for _, _, t in slots], scale=scale,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt import distributed
-from fusedopt.engine import layout
+from fusedopt.engine import layout, master
 from fusedopt.engine.layout import BLOCK
 
 
@@ -53,7 +53,7 @@ class Segment:
     device-local indices so that all segments of a device share one tensor table.
     """
 
-    def __init__(self, params, device, dtype, tensor_offset, state_names):
+    def __init__(self, params, device, dtype, tensor_offset, state_names, master_bits=None):
         self.params = list(params)
         # What the kernels walk: the params themselves, or this rank's shards of DTensor params.
         self.tensors = [distributed.local(p) for p in self.params]
@@ -74,12 +74,24 @@ class Segment:
         self.tensor_block_start = torch.tensor(block_start, dtype=torch.int32, device=device)
         self.states = {name: torch.zeros(total, dtype=state_dtype(dtype), device=device)
                        for name in state_names}
+        # bf16 params with master weights: the masters' low bits (fusedopt/engine/master.py),
+        # laid out like the state. Zero: each master starts equal to its param.
+        self.master_bits = master_bits if dtype == torch.bfloat16 else None
+        self.remainder = None if self.master_bits is None else torch.zeros(
+            total, dtype=master.REMAINDER_DTYPES[self.master_bits], device=device)
 
     def state_view(self, name, i):
         """Tensor i's state `name` as a view with the (local) param's shape and memory layout."""
+        return self._view(self.states[name], i)
+
+    def remainder_view(self, i):
+        """Tensor i's master-weight remainder (None without master weights)."""
+        return None if self.remainder is None else self._view(self.remainder, i)
+
+    def _view(self, buffer, i):
         p = self.tensors[i]
         strides = p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
-        return self.states[name].as_strided(p.shape, strides, self.state_starts[i])
+        return buffer.as_strided(p.shape, strides, self.state_starts[i])
 
     def block_workspace(self, rows):
         """Per-block partials [rows, blocks] for one step. Taken from the caching allocator each

@@ -1,0 +1,225 @@
+"""Master weights for bf16 params (fusedopt/engine/master.py): the encoding, the trajectories,
+the kernels against the reference, inf skip, checkpoints and the fp32 model state dict."""
+import math
+
+import pytest
+import torch
+
+import fusedopt
+from conftest import kernel_backends
+from fusedopt.engine import master
+from tolerances import TOLERANCE
+
+BF16 = torch.bfloat16
+
+
+def bits32(x):
+    return x.float().contiguous().view(torch.int32)
+
+
+def special_values():
+    """Random magnitudes over 40 decades, exact ties with even and odd truncations, signed
+    zeros, subnormals and values near the largest bf16."""
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(100_000, generator=gen) * torch.logspace(-20, 20, 100_000)
+    high = torch.randint(0x3000, 0x4F00, (4000,), generator=gen).to(torch.int32)
+    ties = ((high << 16) | 0x8000).view(torch.float32)
+    edges = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1e-45, 3.3e38, -3.3e38])
+    return torch.cat([spread, ties, -ties, edges])
+
+
+# ----------------------------------------------------------------------------- the encoding
+def test_32_bits_give_the_master_back_bit_for_bit():
+    m = special_values()
+    param, remainder = master.split(m, 32)
+    assert param.dtype == BF16 and remainder.dtype == torch.int16
+    assert torch.equal(bits32(master.combine(param, remainder, 32)), bits32(m))
+
+
+def test_the_param_is_torchs_cast_except_at_exact_ties_rounded_away_from_zero():
+    m = special_values()
+    param, _ = master.split(m, 32)
+    cast = m.to(BF16)
+    differs = bits32(param) != bits32(cast)
+    low17 = bits32(m) & 0x1FFFF
+    # Ties (low 16 bits 0x8000) on an even truncation: torch rounds to even (down), the split
+    # rounds away from zero (up), one bf16 ulp further out.
+    assert torch.equal(differs, low17 == 0x8000)
+    assert int(differs.sum()) > 1000
+    assert torch.all(param[differs].float().abs() > cast[differs].float().abs())
+
+
+def test_24_bits_keep_a_16_bit_significand():
+    m = special_values()
+    kept = master.rounded(m, 24)
+    assert torch.equal(bits32(kept) & 0xFF, torch.zeros_like(bits32(kept)))
+    normal = m.abs() > 1e-37
+    error = ((kept.double() - m.double()).abs() / m.double().abs())[normal]
+    assert error.max() <= 2.0 ** -16
+    assert torch.equal(bits32(master.rounded(kept, 24)), bits32(kept))
+    param, remainder = master.split(m, 24)
+    assert remainder.dtype == torch.uint8
+    assert torch.equal(bits32(param), bits32(master.split(kept, 32)[0]))
+
+
+# ----------------------------------------------------------------------------- trajectories
+STEPS = 200
+
+
+def lr_at(step, peak=1e-3, floor=1e-6):
+    """Cosine from peak down to floor over STEPS."""
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * step / (STEPS - 1)))
+
+
+def run(dtype, bits, backend="reference", steps=STEPS, numel=3000, device="cpu", stats=False):
+    """AdamW on one tensor fed a fixed gradient sequence (the same bf16 values for every run)."""
+    gen = torch.Generator().manual_seed(1)
+    start = torch.randn(numel, generator=gen).to(BF16)
+    grads = [torch.randn(numel, generator=gen).to(BF16) for _ in range(8)]
+    p = torch.nn.Parameter(start.to(device, dtype))
+    opt = fusedopt.AdamW([p], lr=lr_at(0), weight_decay=0.1, max_grad_norm=50.0,
+                         backend=backend, master_weight_bits=bits, stats=stats)
+    for step in range(steps):
+        opt.param_groups[0]["lr"] = lr_at(step)
+        p.grad = grads[step % len(grads)].to(device, dtype)
+        opt.step()
+    return p, opt
+
+
+def test_32_bit_masters_follow_the_fp32_trajectory_bit_for_bit_where_bf16_stalls():
+    fp32, _ = run(torch.float32, None)
+    with_master, opt = run(BF16, 32)
+    plain, _ = run(BF16, None)
+    masters = master.combine(with_master.detach(), opt.engine.remainder_view(with_master), 32)
+    assert torch.equal(bits32(masters), bits32(fp32.detach()))
+    assert torch.equal(with_master.detach(), master.split(fp32.detach(), 32)[0])
+    # The plain bf16 run: the last 50 updates (lr below 6e-5) are under half a bf16 ulp for
+    # most elements and are lost; its params end far from the fp32 ones.
+    before_tail, _ = run(BF16, None, steps=STEPS - 50)
+    frozen = (plain.detach() == before_tail.detach()).float().mean()
+    moved = (fp32.detach().to(BF16) != plain.detach()).float().mean()
+    assert frozen > 0.5 and moved > 0.5, (frozen, moved)
+
+
+def test_24_bit_masters_stay_close_to_the_fp32_trajectory():
+    fp32, _ = run(torch.float32, None)
+    with_master, opt = run(BF16, 24)
+    plain, _ = run(BF16, None)
+    masters = master.combine(with_master.detach(), opt.engine.remainder_view(with_master), 24)
+    error24 = (masters - fp32.detach()).abs().max()
+    error_bf16 = (plain.detach().float() - fp32.detach()).abs().max()
+    assert error24 < error_bf16 / 20, (error24, error_bf16)
+
+
+@pytest.mark.parametrize("bits", [32, 24])
+def test_kernels_match_the_reference(kernel_backend, device, bits):
+    if kernel_backend == "cuda":
+        pytest.skip("master weights are in the reference and Triton backends")
+    results = {}
+    for backend in ("reference", kernel_backend):
+        p, opt = run(BF16, bits, backend, steps=3, numel=9000, device=device, stats=True)
+        results[backend] = (master.combine(p.detach(), opt.engine.remainder_view(p), bits),
+                            p.detach().clone(), opt.stats().to_dict()["tensors"]["param0"])
+    (ref_master, ref_param, ref_stats), (master_k, param_k, stats_k) = results.values()
+    torch.testing.assert_close(master_k, ref_master, **TOLERANCE[torch.float32])
+    # Each side's param is its own master split: the param follows the master, not torch's cast.
+    assert torch.equal(param_k, master.split(master_k, bits)[0])
+    assert torch.equal(ref_param, master.split(ref_master, bits)[0])
+    for field in ("weight_norm", "update_norm", "vhat_max"):
+        assert stats_k[field] == pytest.approx(ref_stats[field], rel=1e-5), field
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in kernel_backends() if b != "cuda"])
+def test_an_inf_leaves_params_remainders_and_state_bit_identical(backend, device):
+    p, opt = run(BF16, 32, backend, steps=3, numel=5000, device=device)
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    param_before = p.detach().clone()
+    p.grad = torch.full_like(p, float("inf"))
+    opt.step()
+    assert opt.stats().to_dict()["global"]["found_inf"]
+    assert torch.equal(p.detach(), param_before)
+    for key, value in before.items():
+        assert torch.equal(opt.state[p][key], value), key
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def tiny_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    model[2].to(BF16)
+    model[0].to(BF16)
+    return model
+
+
+def train(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        h = model[0](x.to(BF16)).float()
+        out = model[2](model[1](h).to(BF16)).float()
+        opt.zero_grad()
+        out.square().mean().backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_continues_bit_exactly():
+    model = tiny_model()
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-3, master_weight_bits=32)
+    train(model, opt, 3)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = opt.state_dict()
+    assert saved_opt["state"][0][fusedopt.checkpoint.REMAINDER].dtype == torch.int16
+    assert fusedopt.checkpoint.REMAINDER not in saved_opt["state"][2]  # fp32 LayerNorm weight
+    train(model, opt, 3, start=3)
+    again = tiny_model()
+    again_opt = fusedopt.AdamW(again.parameters(), lr=1e-3, master_weight_bits=32)
+    again.load_state_dict(saved_model)
+    again_opt.load_state_dict(saved_opt)
+    train(again, again_opt, 3, start=3)
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt.state.values(), again_opt.state.values()):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_fp32_model_state_dict_holds_the_masters_and_loads_back():
+    model = tiny_model()
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-3, master_weight_bits=32)
+    train(model, opt, 4)
+    fp32 = opt.fp32_model_state_dict(model)
+    weight = model[0].weight
+    expected = master.combine(weight.detach(), opt.engine.remainder_view(weight), 32)
+    assert fp32["0.weight"].dtype == torch.float32
+    assert torch.equal(fp32["0.weight"], expected)
+    assert not torch.equal(fp32["0.weight"], weight.detach().float())  # the low bits are there
+    assert torch.equal(fp32["1.weight"], model[1].weight.detach())     # fp32 params as they are
+    fresh = tiny_model()
+    fresh_opt = fusedopt.AdamW(fresh.parameters(), lr=1e-3, master_weight_bits=32)
+    fresh_opt.load_fp32_model_state_dict(fresh, fp32)
+    assert fresh[0].weight.dtype == BF16
+    for name, value in fresh_opt.fp32_model_state_dict(fresh).items():
+        assert torch.equal(value, fp32[name]), name
+
+
+def test_a_torch_checkpoint_loads_with_masters_equal_to_the_params():
+    model = tiny_model()
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train(model, theirs, 2)
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-3, master_weight_bits=32)
+    train(model, opt, 1)  # remainders become nonzero
+    opt.load_state_dict(theirs.state_dict())
+    weight = model[0].weight
+    assert torch.equal(opt.engine.remainder_view(weight), torch.zeros_like(weight, dtype=torch.int16))
+
+
+# ----------------------------------------------------------------------------- refused input
+def test_bad_settings_are_named():
+    p = torch.nn.Parameter(torch.ones(3, dtype=BF16))
+    with pytest.raises(ValueError, match="master_weight_bits must be None, 24 or 32, got 16"):
+        fusedopt.AdamW([p], master_weight_bits=16)
+    with pytest.raises(ValueError, match="master_weight_bits: backend='cuda' does not implement"):
+        fusedopt.AdamW([p], backend="cuda", master_weight_bits=32)
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="params: param1 is float16"):
+        fusedopt.AdamW([p, half], master_weight_bits=32)
