@@ -276,6 +276,34 @@ def checkpoint_round_trips(rank, world, device, backend, dtype, path):
                                        full(value).double(), **F64)
 
 
+def low_precision_resumes_bit_exactly(rank, world, device, path):
+    """bf16 params with 32-bit masters and bf16 state: the remainders and the bf16 moments go
+    through DCP as DTensors and the resumed run is bit-identical."""
+    def run(steps, load_from=None, save_to=None, start=0):
+        net = shard(Net(torch.bfloat16).to(device))
+        opt = fusedopt.AdamW(groups(net), lr=1e-2, max_grad_norm=0.05, backend="reference",
+                             master_weight_bits=32, state_dtype="bf16")
+        if load_from is not None:
+            state = {"model": net.state_dict(), "optim": get_optimizer_state_dict(net, opt)}
+            dcp.load(state, checkpoint_id=load_from)
+            net.load_state_dict(state["model"])
+            set_optimizer_state_dict(net, opt, state["optim"])
+        train(net, opt, steps, rank, world, torch.bfloat16, device, start=start)
+        if save_to is not None:
+            osd = get_optimizer_state_dict(net, opt)
+            assert isinstance(osd["state"]["inp.weight"]["master_remainder"], DTensor)
+            dcp.save({"model": net.state_dict(), "optim": osd}, checkpoint_id=save_to)
+        return net, opt
+
+    straight, opt = run(6)
+    run(3, save_to=f"{path}/low")
+    resumed, resumed_opt = run(3, load_from=f"{path}/low", start=3)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p.to_local(), q.to_local())
+        for key, value in opt.state[p].items():
+            assert torch.equal(full(value), full(resumed_opt.state[q][key])), key
+
+
 def save_for_reshard(rank, world, device, backend, dtype, path):
     net = shard(Net(dtype).to(device))
     opt = fused(groups(net), backend, dtype, stats=False)
@@ -352,6 +380,10 @@ def test_fsdp_inf_on_one_rank_skips_everywhere(torch_scaler):
 def test_fsdp_checkpoints_through_dcp(tmp_path):
     spawn(2, checkpoint_round_trips, backend="reference", dtype=torch.float64,
           path=str(tmp_path))
+
+
+def test_fsdp_low_precision_tier_resumes_through_dcp(tmp_path):
+    spawn(2, low_precision_resumes_bit_exactly, path=str(tmp_path))
 
 
 @pytest.mark.parametrize("world", [1, 4])

@@ -20,6 +20,11 @@ from fusedopt.engine.step import Engine, ScaleInputs
 from fusedopt.stats import StepStats
 
 
+# state_dtype: the optimizer state's storage. bf16 is rounded stochastically
+# (fusedopt/engine/stochastic.py); None keeps the default (fp32, float64 for float64 params).
+STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of every fusedopt optimizer; a subclass names its algorithm module in ALGORITHM."""
 
@@ -29,7 +34,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults, *, max_grad_norm, backend, stats,
-                 master_weight_bits=None):
+                 master_weight_bits=None, state_dtype="fp32"):
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
                                               and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be None or a positive finite number, got {max_grad_norm!r}")
@@ -40,12 +45,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if master_weight_bits is not None and master_weight_bits not in master.BITS:
             raise ValueError(f"master_weight_bits must be None, 24 or 32, got "
                              f"{master_weight_bits!r}")
-        if master_weight_bits is not None and backend not in ("auto",) + \
-                backends.MASTER_WEIGHT_BACKENDS:
-            raise ValueError(f"master_weight_bits: backend={backend!r} does not implement "
-                             f"master weights; use one of {backends.MASTER_WEIGHT_BACKENDS} or "
-                             "'auto'")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)}, got "
+                             f"{state_dtype!r}")
         self.master_weight_bits = master_weight_bits
+        self.state_dtype = state_dtype
+        backends.check_features(backend, self._features())
         self.algorithm = importlib.import_module(f"fusedopt.algorithms.{self.ALGORITHM}")
         self.max_grad_norm = max_grad_norm
         self.backend = backend
@@ -53,8 +58,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.engine = None
         super().__init__(params, defaults)
         self.engine = Engine(self.algorithm, list(self.entries()), len(self.param_groups),
-                             backend, master_weight_bits)
+                             backend, master_weight_bits, STATE_DTYPES[state_dtype])
         self._bind_state()
+
+    def _features(self):
+        """The low-precision options in use, as backends.FEATURE_BACKENDS names them."""
+        return tuple(feature for feature, used in (
+            ("master_weight_bits", self.master_weight_bits is not None),
+            ("state_dtype='bf16'", self.state_dtype == "bf16")) if used)
 
     # ----------------------------------------------------------------- parameters
     def add_param_group(self, param_group):
@@ -190,7 +201,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # and builds its own engine over its own params.
         return {"defaults": self.defaults, "param_groups": self.param_groups,
                 "max_grad_norm": self.max_grad_norm, "backend": self.backend,
-                "master_weight_bits": self.master_weight_bits,
+                "master_weight_bits": self.master_weight_bits, "state_dtype": self.state_dtype,
                 "collect_stats": self.collect_stats, "algorithm_name": self.ALGORITHM,
                 "saved_state": {p: {k: v.clone() for k, v in s.items()}
                                 for p, s in self.state.items()}}
@@ -201,7 +212,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__({**state, "state": defaultdict(dict)})
         self.algorithm = importlib.import_module(f"fusedopt.algorithms.{self.ALGORITHM}")
         self.engine = Engine(self.algorithm, list(self.entries()), len(self.param_groups),
-                             self.backend, self.master_weight_bits)
+                             self.backend, self.master_weight_bits,
+                             STATE_DTYPES[self.state_dtype])
         with torch.no_grad():
             for p, entry in saved.items():
                 self.engine.step_count(p).fill_(float(entry["step"]))

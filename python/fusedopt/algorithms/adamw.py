@@ -98,11 +98,12 @@ class AdamW(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  corrected=False, max_lr=None, max_grad_norm=None, backend="auto", stats=False,
-                 master_weight_bits=None):
+                 master_weight_bits=None, state_dtype="fp32"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         corrected=corrected, max_lr=max_lr)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
-                         stats=stats, master_weight_bits=master_weight_bits)
+                         stats=stats, master_weight_bits=master_weight_bits,
+                         state_dtype=state_dtype)
 
 
 class AdamC(AdamW):
@@ -110,7 +111,7 @@ class AdamC(AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  corrected=True, max_lr=None, max_grad_norm=None, backend="auto", stats=False,
-                 master_weight_bits=None):
+                 master_weight_bits=None, state_dtype="fp32"):
         super().__init__(params, lr, betas, eps, weight_decay, corrected=corrected, max_lr=max_lr,
                          max_grad_norm=max_grad_norm, backend=backend, stats=stats,
-                         master_weight_bits=master_weight_bits)
+                         master_weight_bits=master_weight_bits, state_dtype=state_dtype)

@@ -64,11 +64,12 @@ class Lion(FusedOptimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, corrected=False,
                  max_lr=None, max_grad_norm=None, backend="auto", stats=False,
-                 master_weight_bits=None):
+                 master_weight_bits=None, state_dtype="fp32"):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, corrected=corrected,
                         max_lr=max_lr)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
-                         stats=stats, master_weight_bits=master_weight_bits)
+                         stats=stats, master_weight_bits=master_weight_bits,
+                         state_dtype=state_dtype)
 
 
 class LionC(Lion):
@@ -76,7 +77,7 @@ class LionC(Lion):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, corrected=True,
                  max_lr=None, max_grad_norm=None, backend="auto", stats=False,
-                 master_weight_bits=None):
+                 master_weight_bits=None, state_dtype="fp32"):
         super().__init__(params, lr, betas, weight_decay, corrected=corrected, max_lr=max_lr,
                          max_grad_norm=max_grad_norm, backend=backend, stats=stats,
-                         master_weight_bits=master_weight_bits)
+                         master_weight_bits=master_weight_bits, state_dtype=state_dtype)

@@ -74,11 +74,12 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, corrected=False, max_lr=None, max_grad_norm=None,
                  backend="auto", stats=False,
-                 master_weight_bits=None):
+                 master_weight_bits=None, state_dtype="fp32"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, corrected=corrected, max_lr=max_lr)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
-                         stats=stats, master_weight_bits=master_weight_bits)
+                         stats=stats, master_weight_bits=master_weight_bits,
+                         state_dtype=state_dtype)
 
 
 class SGDC(SGD):
@@ -87,8 +88,8 @@ class SGDC(SGD):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, corrected=True, max_lr=None, max_grad_norm=None,
                  backend="auto", stats=False,
-                 master_weight_bits=None):
+                 master_weight_bits=None, state_dtype="fp32"):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
                          corrected=corrected, max_lr=max_lr, max_grad_norm=max_grad_norm,
                          backend=backend, stats=stats,
-                         master_weight_bits=master_weight_bits)
+                         master_weight_bits=master_weight_bits, state_dtype=state_dtype)

@@ -35,25 +35,34 @@ def available(name: str) -> bool:
     return False
 
 
-# Master weights for bf16 params (fusedopt/engine/master.py) are in the reference and Triton
-# backends; the CUDA kernels do not have them yet.
-MASTER_WEIGHT_BACKENDS = ("reference", "triton")
+# The low-precision tier's options, by the backends that implement them: master weights for
+# bf16 params (fusedopt/engine/master.py) and bf16 state with stochastic rounding
+# (fusedopt/engine/stochastic.py) are in the reference and Triton backends, not yet in the CUDA
+# kernels.
+FEATURE_BACKENDS = {"master_weight_bits": ("reference", "triton"),
+                    "state_dtype='bf16'": ("reference", "triton")}
 
 
-def resolve(name: str, device: torch.device, dtypes, master_weights: bool = False) -> str:
+def check_features(name: str, needs) -> None:
+    """Refuse an explicit backend that lacks a feature the optimizer was asked for."""
+    for feature in needs:
+        if name != "auto" and name not in FEATURE_BACKENDS[feature]:
+            raise ValueError(f"{feature}: backend={name!r} does not implement it; use one of "
+                             f"{FEATURE_BACKENDS[feature]} or 'auto'")
+
+
+def resolve(name: str, device: torch.device, dtypes, needs=()) -> str:
     """The concrete backend for the tensors of one device; a clear error if it cannot run them.
-    `master_weights`: the optimizer keeps master weights for its bf16 params."""
+    `needs`: FEATURE_BACKENDS keys this device's tensors use; 'auto' picks a backend that has
+    them."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    masters = master_weights and torch.bfloat16 in dtypes
-    if masters and name not in ("auto",) + MASTER_WEIGHT_BACKENDS:
-        raise ValueError(f"master_weight_bits: backend={name!r} does not implement master "
-                         f"weights; use one of {MASTER_WEIGHT_BACKENDS} (or 'auto')")
+    check_features(name, needs)
     if name == "auto":
         if device.type != "cuda":
             return "reference"
         for candidate in AUTO_GPU_ORDER:
-            if masters and candidate not in MASTER_WEIGHT_BACKENDS:
+            if any(candidate not in FEATURE_BACKENDS[feature] for feature in needs):
                 continue
             if available(candidate):
                 name = candidate

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fusedopt.engine import master
+from fusedopt.engine import master, stochastic
 
 # clip_grad_norm_ adds this to the norm before dividing (torch.nn.utils.clip_grad_norm_).
 CLIP_EPS = 1e-6
@@ -64,7 +64,9 @@ class ReferenceTensor:
     steps taken so far; `grad` None means the tensor is skipped, as in torch.optim. `stats` gets
     grad_sumsq, nonfinite and, with statistics, the algorithm's STATS column values. A bf16
     param with master weights has its `remainder` and `master_bits` (fusedopt/engine/master.py):
-    the step updates the fp32 master and splits it back.
+    the step updates the fp32 master and splits it back. bf16 state comes with `state_index`,
+    each element's index in the state buffers: the update runs on fp32 copies, which are then
+    rounded stochastically (fusedopt/engine/stochastic.py).
     """
     param: torch.Tensor
     grad: torch.Tensor | None
@@ -74,6 +76,7 @@ class ReferenceTensor:
     stats: dict = field(default_factory=dict)
     remainder: torch.Tensor | None = None
     master_bits: int | None = None
+    state_index: torch.Tensor | None = None
 
     def value(self):
         """The param as the update sees it: its fp32 master, or the param in compute dtype."""
@@ -128,7 +131,9 @@ def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
     clip = clip_coefficient(total_norm, max_grad_norm)
     for t in active:
         old_param = t.value().clone()
-        state_before = {name: value.clone() for name, value in t.state.items()}
+        rounded_state = t.state_index is not None
+        state = {n: v.float() for n, v in t.state.items()} if rounded_state else t.state
+        state_before = {name: value.clone() for name, value in state.items()}
         grad = None
         new_param = old_param
         if not found_inf:
@@ -137,17 +142,22 @@ def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
             param = old_param.clone()
             h = dict(t.hyper)
             k = decay_multiplier(h.pop("lr"), h.pop("max_lr"), h.pop("corrected"))
-            algorithm.reference_update(param, grad.to(param.dtype), t.state, step=t.step,
+            algorithm.reference_update(param, grad.to(param.dtype), state, step=t.step,
                                        lr=t.hyper["lr"],
                                        weight_decay=h.pop("weight_decay") * k, **h)
             t.store(param)
+            if rounded_state:
+                # Streams 1, 2 in declaration order, as the kernels' state1, state2.
+                for stream, (name, value) in enumerate(state.items(), start=1):
+                    t.state[name].copy_(stochastic.to_bf16(value, t.step, t.state_index, stream))
             # Statistics see the stored param, or with master weights the fp32 update before
             # the split (for 24 bits: before the master is rounded to 24 bits), as the kernels.
             new_param = param if t.remainder is not None else compute_view(t.param)
         if want_stats:
             t.stats["weight_sumsq"] = new_param.square().sum().item()
             t.stats["update_sumsq"] = (new_param - old_param).square().sum().item()
-            own = algorithm.reference_stats(t.state, grad, state_before, t.step, t.hyper)
+            # The state's statistics from its fp32 values before any rounding, as the kernels.
+            own = algorithm.reference_stats(state, grad, state_before, t.step, t.hyper)
             for (name, _), value in zip(algorithm.STATS[2:], own):
                 t.stats[name] = value
     return {"grad_norm": total_norm, "clip_coef": clip, "found_inf": found_inf}

@@ -26,10 +26,12 @@ class Engine:
     `run(scaling, max_grad_norm, collect_stats)`, `rebuild(entries)`.
     """
 
-    def __init__(self, algorithm, entries, num_groups, backend, master_bits=None):
+    def __init__(self, algorithm, entries, num_groups, backend, master_bits=None,
+                 state_dtype=None):
         self.algorithm = algorithm
         self.backend = backend
         self.master_bits = master_bits
+        self.state_dtype = state_dtype
         self.num_stats = len(algorithm.STATS)
         self.build(entries, num_groups)
 
@@ -47,15 +49,23 @@ class Engine:
                 raise ValueError(f"params: {self.names[p]} is float16; master_weight_bits "
                                  "splits a master into a bfloat16 param and its low bits, so it "
                                  "takes bfloat16 (and float32, which needs none) params")
-            backend = backends.resolve(self.backend, device, list(by_dtype),
-                                       master_weights=self.master_bits is not None)
+            if self.state_dtype is not None and torch.float64 in by_dtype:
+                p = by_dtype[torch.float64][0]
+                raise ValueError(f"params: {self.names[p]} is float64; state_dtype='bf16' is "
+                                 "for float32, bfloat16 and float16 params")
+            needs = []
+            if self.master_bits is not None and torch.bfloat16 in by_dtype:
+                needs.append("master_weight_bits")
+            if self.state_dtype is not None:
+                needs.append("state_dtype='bf16'")
+            backend = backends.resolve(self.backend, device, list(by_dtype), needs)
             segments, offset = [], 0
             for dtype, params in by_dtype.items():
                 if backend != "reference":
                     for p in params:
                         self._check_dense(p, distributed.local(p))
                 segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE,
-                                        self.master_bits))
+                                        self.master_bits, self.state_dtype))
                 offset += len(params)
             self.devices[device] = DeviceTables(device, segments, self.group_of, num_groups,
                                                 self.num_stats, backend)
@@ -296,11 +306,14 @@ class Engine:
                 hyper = self._hyper(group, float(group["lr"]))
                 state = {n: self.state_view(p, n) for n in self.algorithm.STATE}
                 remainder = self.remainder_view(p)
+                _, seg, i, _ = self.slots[p]
                 tensor = ReferenceTensor(param=t.data, grad=g if group_index >= 0 else None,
                                          state=state, hyper=hyper,
                                          step=int(ds.tensor_step[position]), remainder=remainder,
                                          master_bits=self.master_bits if remainder is not None
-                                         else None)
+                                         else None,
+                                         state_index=seg.state_index(i)
+                                         if seg.state_storage == torch.bfloat16 else None)
                 slots.append((ds, position, tensor))
         scale = scaling.scale_value()
         result = reference_step(self.algorithm, [t for _, _, t in slots], scale=scale,

@@ -53,7 +53,8 @@ class Segment:
     device-local indices so that all segments of a device share one tensor table.
     """
 
-    def __init__(self, params, device, dtype, tensor_offset, state_names, master_bits=None):
+    def __init__(self, params, device, dtype, tensor_offset, state_names, master_bits=None,
+                 state_storage=None):
         self.params = list(params)
         # What the kernels walk: the params themselves, or this rank's shards of DTensor params.
         self.tensors = [distributed.local(p) for p in self.params]
@@ -66,13 +67,15 @@ class Segment:
             total += layout.state_span(p.numel())
             block_start.append(block_start[-1] + layout.blocks_of(p.numel()))
         self.block_starts = [b * BLOCK for b in block_start[:-1]]
+        self.state_total = total
         self.num_blocks = block_start[-1]
         block_tensor = torch.empty(self.num_blocks, dtype=torch.int32)
         for i in range(len(self.params)):
             block_tensor[block_start[i]:block_start[i + 1]] = tensor_offset + i
         self.block_tensor = block_tensor.to(device)
         self.tensor_block_start = torch.tensor(block_start, dtype=torch.int32, device=device)
-        self.states = {name: torch.zeros(total, dtype=state_dtype(dtype), device=device)
+        self.state_storage = state_storage or state_dtype(dtype)
+        self.states = {name: torch.zeros(total, dtype=self.state_storage, device=device)
                        for name in state_names}
         # bf16 params with master weights: the masters' low bits (fusedopt/engine/master.py),
         # laid out like the state. Zero: each master starts equal to its param.
@@ -83,6 +86,11 @@ class Segment:
     def state_view(self, name, i):
         """Tensor i's state `name` as a view with the (local) param's shape and memory layout."""
         return self._view(self.states[name], i)
+
+    def state_index(self, i):
+        """Each element's index in the state buffers, shaped like tensor i's state: the random
+        bits of stochastic rounding are a function of it (fusedopt/engine/stochastic.py)."""
+        return self._view(torch.arange(self.state_total, device=self.device), i)
 
     def remainder_view(self, i):
         """Tensor i's master-weight remainder (None without master weights)."""

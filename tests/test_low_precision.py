@@ -1,5 +1,6 @@
-"""Master weights for bf16 params (fusedopt/engine/master.py): the encoding, the trajectories,
-the kernels against the reference, inf skip, checkpoints and the fp32 model state dict."""
+"""The low-precision tier: master weights for bf16 params (fusedopt/engine/master.py) and bf16
+state with stochastic rounding (fusedopt/engine/stochastic.py). The encodings, trajectories
+against fp32, the kernels against the reference, inf skip, checkpoints and refused settings."""
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import fusedopt
 from conftest import kernel_backends
-from fusedopt.engine import master
+from fusedopt.engine import master, stochastic
 from tolerances import TOLERANCE
 
 BF16 = torch.bfloat16
@@ -71,14 +72,16 @@ def lr_at(step, peak=1e-3, floor=1e-6):
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * step / (STEPS - 1)))
 
 
-def run(dtype, bits, backend="reference", steps=STEPS, numel=3000, device="cpu", stats=False):
+def run(dtype, bits, backend="reference", steps=STEPS, numel=3000, device="cpu", stats=False,
+        state_dtype="fp32"):
     """AdamW on one tensor fed a fixed gradient sequence (the same bf16 values for every run)."""
     gen = torch.Generator().manual_seed(1)
     start = torch.randn(numel, generator=gen).to(BF16)
     grads = [torch.randn(numel, generator=gen).to(BF16) for _ in range(8)]
     p = torch.nn.Parameter(start.to(device, dtype))
     opt = fusedopt.AdamW([p], lr=lr_at(0), weight_decay=0.1, max_grad_norm=50.0,
-                         backend=backend, master_weight_bits=bits, stats=stats)
+                         backend=backend, master_weight_bits=bits, stats=stats,
+                         state_dtype=state_dtype)
     for step in range(steps):
         opt.param_groups[0]["lr"] = lr_at(step)
         p.grad = grads[step % len(grads)].to(device, dtype)
@@ -223,3 +226,95 @@ def test_bad_settings_are_named():
     half = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
     with pytest.raises(ValueError, match="params: param1 is float16"):
         fusedopt.AdamW([p, half], master_weight_bits=32)
+    with pytest.raises(ValueError, match=r"state_dtype must be one of \('fp32', 'bf16'\), got 'int8'"):
+        fusedopt.AdamW([p], state_dtype="int8")
+    with pytest.raises(ValueError, match="state_dtype='bf16': backend='cuda' does not implement"):
+        fusedopt.AdamW([p], backend="cuda", state_dtype="bf16")
+    double = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="params: param0 is float64; state_dtype='bf16'"):
+        fusedopt.AdamW([double], state_dtype="bf16")
+
+
+# ----------------------------------------------------------------------------- bf16 state
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    x = torch.full((200_000,), 1.0 + 3 * 2.0 ** -10)  # 3/8 of the way from 1 to 1 + 2^-7
+    rounded = stochastic.to_bf16(x, step=7, index=torch.arange(x.numel()), stream=1).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    up = (rounded > 1.0).double().mean().item()
+    assert abs(up - 0.375) < 0.005  # binomial sd 0.0011
+    assert rounded.double().mean().item() == pytest.approx(x[0].item(), rel=1e-4)
+
+
+def test_the_random_bits_depend_on_step_index_and_stream_only():
+    index = torch.arange(10_000)
+    a = stochastic.random16(3, index, 1)
+    assert torch.equal(a, stochastic.random16(3, index, 1))
+    for other in (stochastic.random16(4, index, 1), stochastic.random16(3, index, 2),
+                  stochastic.random16(3, index + 1, 1)):
+        assert (a == other).float().mean() < 0.01
+    assert 0 <= int(a.min()) and int(a.max()) <= 0xFFFF
+    assert abs(a.double().mean().item() / 0xFFFF - 0.5) < 0.01
+
+
+def test_bf16_state_tracks_the_fp32_moments():
+    fp32, fp32_opt = run(torch.float32, None)
+    sr, sr_opt = run(torch.float32, None, state_dtype="bf16")
+    v32 = fp32_opt.state[fp32]["exp_avg_sq"]
+    v16 = sr_opt.state[sr]["exp_avg_sq"]
+    assert v16.dtype == BF16
+    # Each step's stochastic rounding adds an error of mean 0 and sd at most half a bf16 ulp
+    # (2^-8 relative); carried through v's average, the errors add like a random walk, so after
+    # n steps the RMS relative error is at most 2^-8 * sqrt(n) (5.5% at 200; measured 1.7%),
+    # while their mean, the bias, stays near 0 (measured 0.04%). Rounding to nearest instead
+    # would drop v's 0.1% steps whenever they are under half an ulp.
+    relative = (v16.float() - v32) / v32
+    assert relative.square().mean().sqrt() < 2.0 ** -8 * math.sqrt(STEPS)
+    assert abs(relative.mean().item()) < 2.0 ** -10
+    torch.testing.assert_close(sr.detach(), fp32.detach(), rtol=0, atol=2e-3)
+
+
+def test_kernels_match_the_reference_with_bf16_state(kernel_backend, device):
+    if kernel_backend == "cuda":
+        pytest.skip("bf16 state is in the reference and Triton backends")
+    results = []
+    for backend in ("reference", kernel_backend):
+        p, opt = run(BF16, 32, backend, steps=3, numel=9000, device=device, state_dtype="bf16")
+        results.append((master.combine(p.detach(), opt.engine.remainder_view(p), 32),
+                        {k: v.clone() for k, v in opt.state[p].items()}))
+    (ref_master, ref_state), (master_k, state_k) = results
+    torch.testing.assert_close(master_k, ref_master, **TOLERANCE[torch.float32])
+    for name in ("exp_avg", "exp_avg_sq"):
+        # The same random bits: the stored values agree except where the fp32 values, which
+        # differ by the kernels' fp32 betas (1e-5 relative on 1 - beta2), fall on either side
+        # of a rounding boundary (0.2% of v's elements; one bf16 ulp apart then).
+        same = (state_k[name] == ref_state[name]).float().mean()
+        assert same > 0.99, (name, same)
+        torch.testing.assert_close(state_k[name].float(), ref_state[name].float(), rtol=2 ** -7,
+                                   atol=0)
+
+
+def test_an_inf_leaves_bf16_state_bit_identical(kernel_backend, device):
+    backend = "reference" if kernel_backend == "cuda" else kernel_backend
+    p, opt = run(torch.float32, None, backend, steps=2, numel=5000, device=device,
+                 state_dtype="bf16")
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    for key, value in before.items():
+        assert torch.equal(opt.state[p][key], value), key
+
+
+def test_bf16_state_checkpoints_and_takes_torch_checkpoints():
+    model = tiny_model()
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train(model, theirs, 2)
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-3, state_dtype="bf16")
+    opt.load_state_dict(theirs.state_dict())
+    weight = model[0].weight
+    assert opt.state[weight]["exp_avg"].dtype == BF16
+    assert torch.equal(opt.state[weight]["exp_avg"],
+                       theirs.state[weight]["exp_avg"].to(BF16))
+    saved = opt.state_dict()
+    train(model, opt, 1)
+    opt.load_state_dict(saved)
+    assert torch.equal(opt.state[weight]["exp_avg"], saved["state"][0]["exp_avg"])
