@@ -267,6 +267,49 @@ def spread(samples: list[float]) -> dict:
             "p80": bench_report.percentile(samples, 80)}
 
 
+def timed_iterations(iteration, batches, device, args, after_warmup=lambda: None):
+    """args.warmup untimed iterations, then args.iters timed ones, the peak memory statistics
+    reset in between. `iteration(batch)` returns (the four marks, host ms of the optimizer part,
+    the loss). Returns the lists (marks, host_ms, losses) and what after_warmup() returned."""
+    # Python's cyclic collector would pause at random points of random iterations (a full pass
+    # over the heap of torch + transformers objects). Training loops turn it off and collect on
+    # their own schedule (LLM Foundry's ScheduledGarbageCollector, OLMo's
+    # GarbageCollectorCallback); here it is off for the iterations and run between pipelines.
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(args.warmup):
+            iteration(batches[i])
+        sync(device)
+        warm = after_warmup()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        marks, host, losses = [], [], []
+        for i in range(args.warmup, args.warmup + args.iters):
+            points, host_ms, loss = iteration(batches[i])
+            marks.append(points)
+            host.append(host_ms)
+            losses.append(loss)
+        sync(device)
+    finally:
+        gc.enable()
+    return marks, host, losses, warm
+
+
+def iteration_figures(marks, host) -> dict:
+    """Per figure (iter, fwd, bwd, opt GPU ms; opt host ms): the spread, and the samples."""
+    figures = {
+        "iter_ms": [ms_between(m[0], m[3]) for m in marks],
+        "fwd_ms": [ms_between(m[0], m[1]) for m in marks],
+        "bwd_ms": [ms_between(m[1], m[2]) for m in marks],
+        "opt_ms": [ms_between(m[2], m[3]) for m in marks],
+        "opt_host_ms": host,
+    }
+    out = {name: spread(samples) for name, samples in figures.items()}
+    out["samples"] = {name: [round(x, 4) for x in samples] for name, samples in figures.items()}
+    return out
+
+
 def measure(model: Model, pipeline: Pipeline, device: torch.device, args) -> dict:
     """Build the model and the pipeline, warm up, time args.iters iterations. Returns the row's
     measured fields. Everything it allocates is local and goes when it returns or raises."""
@@ -299,40 +342,11 @@ def measure(model: Model, pipeline: Pipeline, device: torch.device, args) -> dic
         sync(device)
         return (t0, t1, t2, t3), host_ms, loss.detach()
 
-    # Python's cyclic collector would pause at random points of random iterations (a full pass
-    # over the heap of torch + transformers objects). Training loops turn it off and collect on
-    # their own schedule (LLM Foundry's ScheduledGarbageCollector, OLMo's
-    # GarbageCollectorCallback); here it is off for the iterations and run between pipelines.
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(args.warmup):
-            iteration(batches[i])
-        sync(device)
-        scale_before = training.scale() if training.scale else None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        marks, host, losses = [], [], []
-        for i in range(args.warmup, args.warmup + args.iters):
-            points, host_ms, loss = iteration(batches[i])
-            marks.append(points)
-            host.append(host_ms)
-            losses.append(loss)
-        sync(device)
-    finally:
-        gc.enable()
-
-    out = {"n_params": sum(p.numel() for p in params), "optimizer": training.optimizer}
-    figures = {
-        "iter_ms": [ms_between(m[0], m[3]) for m in marks],
-        "fwd_ms": [ms_between(m[0], m[1]) for m in marks],
-        "bwd_ms": [ms_between(m[1], m[2]) for m in marks],
-        "opt_ms": [ms_between(m[2], m[3]) for m in marks],
-        "opt_host_ms": host,
-    }
-    for name, samples in figures.items():
-        out[name] = spread(samples)
-    out["samples"] = {name: [round(x, 4) for x in samples] for name, samples in figures.items()}
+    marks, host, losses, scale_before = timed_iterations(
+        iteration, batches, device, args,
+        after_warmup=lambda: training.scale() if training.scale else None)
+    out = {"n_params": sum(p.numel() for p in params), "optimizer": training.optimizer,
+           **iteration_figures(marks, host)}
     out["tokens_per_s"] = model.batch * model.seq / (out["iter_ms"]["median"] * 1e-3)
     if device.type == "cuda":
         out["peak_gb"] = torch.cuda.max_memory_allocated(device) / GB

@@ -27,7 +27,6 @@ iterations, all ranks listed.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -108,31 +107,10 @@ def measure(model, name, device, args):
         bench_e2e.sync(device)
         return (t0, t1, t2, t3), host_ms, loss.detach()
 
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(args.warmup):
-            iteration(tokens[i])
-        bench_e2e.sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        marks, host, losses = [], [], []
-        for i in range(args.warmup, args.warmup + args.iters):
-            points, host_ms, loss = iteration(tokens[i])
-            marks.append(points)
-            host.append(host_ms)
-            losses.append(float(loss))
-    finally:
-        gc.enable()
-    ms = bench_e2e.ms_between
-    figures = {"iter_ms": [ms(m[0], m[3]) for m in marks], "fwd_ms": [ms(m[0], m[1]) for m in marks],
-               "bwd_ms": [ms(m[1], m[2]) for m in marks], "opt_ms": [ms(m[2], m[3]) for m in marks],
-               "opt_host_ms": host}
+    marks, host, losses, _ = bench_e2e.timed_iterations(iteration, tokens, device, args)
     row = {"pipeline": name, "optimizer": what, "status": "ok",
-           "n_params": sum(p.numel() for p in params)}
-    for key, samples in figures.items():
-        row[key] = bench_e2e.spread(samples)
-    row["samples"] = {k: [round(x, 4) for x in v] for k, v in figures.items()}
+           "n_params": sum(p.numel() for p in params), **bench_e2e.iteration_figures(marks, host)}
+    losses = [float(loss) for loss in losses]
     peak = torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak)

@@ -1,4 +1,5 @@
-"""Spawning ranks for the distributed tests: gloo on CPU over 127.0.0.1, NCCL on GPUs.
+"""Spawning ranks for the distributed tests (gloo on CPU over 127.0.0.1, NCCL on GPUs), and the
+comparisons they share.
 
 `spawn(world, scenario, device_type, **kwargs)` runs `scenario(rank, world, device, **kwargs)`
 in `world` fresh processes; a failed assertion in any of them fails the calling test.
@@ -66,3 +67,27 @@ def gpu_backends():
     if torch.cuda.is_available() and backends.available("cuda"):
         names.append("cuda")
     return names or ["triton"]
+
+
+def full(t):
+    """The whole tensor of a DTensor (a collective: every rank calls it), a tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def assert_same_params(net, expected, tol):
+    for (name, p), q in zip(net.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(full(p.detach()), full(q.detach()), **tol,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def assert_same_stats(got, want, tol):
+    """Two StepStats: the global figures and every tensor's."""
+    got, want = got.to_dict(), want.to_dict()
+    for key in ("grad_norm", "clip_coef", "found_inf", "skipped_steps"):
+        torch.testing.assert_close(torch.tensor(got["global"][key], dtype=torch.float64),
+                                   torch.tensor(want["global"][key], dtype=torch.float64), **tol)
+    for name, fields in want["tensors"].items():
+        for field, value in fields.items():
+            torch.testing.assert_close(torch.tensor(got["tensors"][name][field]),
+                                       torch.tensor(value), equal_nan=True, **tol,
+                                       msg=lambda m: f"{name}.{field}: {m}")

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fusedopt
 from fusedopt.engine import backends, layout
-from ranks import gpu_backends, spawn, two_gpus
+from ranks import assert_same_params, assert_same_stats, gpu_backends, spawn, two_gpus
 
 STEPS = 4
 BATCH = 12          # splits evenly over 2 ranks
@@ -115,23 +115,6 @@ def single_process(dtype, device, backend, stats):
     return net, opt
 
 
-def assert_same_params(net, expected, tol):
-    for (name, p), q in zip(net.named_parameters(), expected.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), **tol, msg=lambda m: f"{name}: {m}")
-
-
-def assert_same_stats(opt, expected, tol):
-    got, want = opt.stats().to_dict(), expected.stats().to_dict()
-    for key in ("grad_norm", "clip_coef", "found_inf", "skipped_steps"):
-        torch.testing.assert_close(torch.tensor(got["global"][key], dtype=torch.float64),
-                                   torch.tensor(want["global"][key], dtype=torch.float64), **tol)
-    for name, fields in want["tensors"].items():
-        for field, value in fields.items():
-            torch.testing.assert_close(torch.tensor(got["tensors"][name][field]),
-                                       torch.tensor(value), equal_nan=True, **tol,
-                                       msg=lambda m: f"{name}.{field}: {m}")
-
-
 def assert_reads_grads_in_place(opt, net, device):
     """A kernel backend's tensor table holds the address of each `.grad` as it is: the step
     read the gradients where DDP put them, without staging a copy."""
@@ -167,7 +150,7 @@ def ddp_matches_single_process(rank, world, device, bucket_view, backend, dtype,
     expected, expected_opt = single_process(dtype, device, backend, stats)
     assert_same_params(net, expected, tol)
     if stats:
-        assert_same_stats(opt, expected_opt, tol)
+        assert_same_stats(opt.stats(), expected_opt.stats(), tol)
 
 
 def inf_on_one_rank_skips_everywhere(rank, world, device, backend, dtype):

@@ -32,7 +32,8 @@ from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
 import fusedopt
 from fusedopt.engine import backends
-from ranks import four_gpus, gpu_backends, spawn, two_gpus
+from ranks import (assert_same_params, assert_same_stats, four_gpus, full, gpu_backends, spawn,
+                   two_gpus)
 
 STEPS = 10
 BATCH = 8
@@ -105,10 +106,6 @@ def torch_adamw(params, dtype):
     return torch.optim.AdamW(params, lr=1e-2, eps=eps, foreach=False)
 
 
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def train(model, opt, steps, rank, world, dtype, device, start=0, clip=False):
     for step in range(start, start + steps):
         x, y = batch(step, dtype, device)
@@ -117,24 +114,6 @@ def train(model, opt, steps, rank, world, dtype, device, start=0, clip=False):
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
         opt.step()
-
-
-def assert_same_params(net, expected, tol):
-    for (name, p), q in zip(net.named_parameters(), expected.parameters()):
-        torch.testing.assert_close(full(p.detach()), full(q.detach()), **tol,
-                                   msg=lambda m: f"{name}: {m}")
-
-
-def assert_same_stats(got, want, tol):
-    got, want = got.to_dict(), want.to_dict()
-    for key in ("grad_norm", "clip_coef", "found_inf", "skipped_steps"):
-        torch.testing.assert_close(torch.tensor(got["global"][key], dtype=torch.float64),
-                                   torch.tensor(want["global"][key], dtype=torch.float64), **tol)
-    for name, fields in want["tensors"].items():
-        for field, value in fields.items():
-            torch.testing.assert_close(torch.tensor(got["tensors"][name][field]),
-                                       torch.tensor(value), equal_nan=True, **tol,
-                                       msg=lambda m: f"{name}.{field}: {m}")
 
 
 def same_on_all_ranks(value):
@@ -158,7 +137,7 @@ def matches_torch_and_single_process(rank, world, device, backend, dtype, tol, s
     train(theirs, torch_adamw(groups(theirs), dtype), STEPS, rank, world, dtype, device,
           clip=True)
     assert_same_params(ours, theirs, tol)
-    # No DTensor op in the step: the state is plain tensors under DTensor views of the shards.
+    # The state is exposed as DTensors with the param's placements (views of the local state).
     assert isinstance(opt.state[named["mid.weight"]]["exp_avg"], DTensor)
     if stats:
         single = Net(dtype).to(device)
