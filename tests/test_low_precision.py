@@ -318,3 +318,44 @@ def test_bf16_state_checkpoints_and_takes_torch_checkpoints():
     train(model, opt, 1)
     opt.load_state_dict(saved)
     assert torch.equal(opt.state[weight]["exp_avg"], saved["state"][0]["exp_avg"])
+
+
+# ----------------------------------------------------------------------------- to_bf16
+def test_to_bf16_keeps_norms_in_fp32_behind_casting_hooks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.GELU(),
+                                torch.nn.Linear(8, 3))
+    fusedopt.to_bf16(model)
+    assert model.fp32_modules == ["1"]
+    assert model[0].weight.dtype == BF16 and model[3].weight.dtype == BF16
+    assert model[1].weight.dtype == torch.float32
+    out = model(torch.randn(4, 6, dtype=BF16))
+    assert out.dtype == BF16
+    out.float().square().mean().backward()
+    assert all(p.grad.dtype == p.dtype for p in model.parameters())
+
+
+def test_to_bf16_on_a_transformers_llama_trains_with_32_bit_masters():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=64, max_position_embeddings=32, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    fusedopt.to_bf16(model, keep_fp32=lambda name, m: fusedopt.precision.is_norm(name, m)
+                     or name == "lm_head")
+    assert "lm_head" in model.fp32_modules and "model.norm" in model.fp32_modules
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == BF16
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-3, master_weight_bits=32)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert opt.engine.remainder_view(model.model.layers[0].mlp.up_proj.weight) is not None
+    assert opt.engine.remainder_view(model.lm_head.weight) is None  # fp32: its own master

@@ -10,10 +10,11 @@ from fusedopt.algorithms.adamw import AdamC, AdamW
 from fusedopt.algorithms.lion import Lion, LionC
 from fusedopt.algorithms.sgd import SGD, SGDC
 from fusedopt.blocks import classify, param_groups
+from fusedopt.precision import to_bf16
 from fusedopt.scaler import GradScaler
 from fusedopt.stats import StepStats
 from fusedopt.tensorboard import log_stats
 
 __all__ = ["AdamW", "AdamC", "SGD", "SGDC", "Lion", "LionC", "GradScaler", "StepStats", "blocks",
-           "classify", "param_groups", "diagnostics", "log_stats"]
+           "classify", "param_groups", "diagnostics", "log_stats", "to_bf16"]
 __version__ = "0.2.0"
