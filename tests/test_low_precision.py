@@ -359,3 +359,28 @@ def test_to_bf16_on_a_transformers_llama_trains_with_32_bit_masters():
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert opt.engine.remainder_view(model.model.layers[0].mlp.up_proj.weight) is not None
     assert opt.engine.remainder_view(model.lm_head.weight) is None  # fp32: its own master
+
+
+@pytest.mark.parametrize("cls, kwargs", [(fusedopt.SGD, {"momentum": 0.9, "nesterov": True}),
+                                         (fusedopt.Lion, {"lr": 1e-4})], ids=["SGD", "Lion"])
+def test_sgd_and_lion_take_the_tier_on_the_kernels_as_in_the_reference(kernel_backend, device,
+                                                                       cls, kwargs):
+    if kernel_backend == "cuda":
+        pytest.skip("the tier is in the reference and Triton backends")
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(5000, generator=gen).to(BF16)
+    grads = [torch.randn(5000, generator=gen).to(BF16) for _ in range(3)]
+    results = []
+    for backend in ("reference", kernel_backend):
+        p = torch.nn.Parameter(start.clone().to(device))
+        opt = cls([p], weight_decay=0.1, backend=backend, master_weight_bits=32,
+                  state_dtype="bf16", **({"lr": 1e-2} | kwargs))
+        for g in grads:
+            p.grad = g.to(device)
+            opt.step()
+        results.append((master.combine(p.detach(), opt.engine.remainder_view(p), 32),
+                        next(iter(v for k, v in opt.state[p].items() if k != "step"
+                                  and v.dtype == BF16))))
+    (ref_master, ref_state), (master_k, state_k) = results
+    torch.testing.assert_close(master_k, ref_master, **TOLERANCE[torch.float32])
+    assert (state_k == ref_state).float().mean() > 0.99
