@@ -252,8 +252,10 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     params and grads (at the table's addresses) have storage dtype `dtype`. state1, state2: the
     algorithm's state buffers in declaration order, float32, one shape, holding each tensor's
     state from the table's STATE_START on (state2 None for a one-state algorithm); their size
-    against the table is the caller's to keep, as the table lives on the device. stats_partials, if given, float32 [C, B] receives the per-block
-    statistics partials (C = the algorithm's statistics columns)."""
+    against the table is the caller's to keep, as the table lives on the device.
+    stats_partials, if given, float32 [C, B] receives the per-block statistics partials (C = the
+    algorithm's statistics columns). remainder / master_bits (master weights) are not in these
+    kernels: a remainder is refused."""
     c = _load()
     if remainder is not None:
         raise ValueError("master_weight_bits: the CUDA kernels do not implement master weights "

@@ -126,8 +126,8 @@ class Engine:
     def _check_dense(self, p, tensor):
         if not is_dense(tensor):
             raise ValueError(f"params: {self.names[p]} (shape {tuple(tensor.shape)}, strides "
-                             f"{tensor.stride()}) is not dense in memory; the fused kernels address a "
-                             "tensor as one span of memory: make it contiguous or use "
+                             f"{tensor.stride()}) is not dense in memory; the fused kernels "
+                             "address a tensor as one span of memory: make it contiguous or use "
                              "backend='reference'")
 
     def _check_overlaps(self, params):
