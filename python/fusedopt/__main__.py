@@ -66,9 +66,11 @@ def info() -> None:
         print(f"  triton     triton {importlib.import_module('triton').__version__}")
     print(textwrap.fill(f"fusedopt._C {extension_status()[1]}", width=99,
                         initial_indent="  cuda       ", subsequent_indent=" " * 13))
-    if torch.cuda.is_available():
-        from fusedopt.engine import backends
+    from fusedopt.engine import backends
 
+    for feature, names in backends.FEATURE_BACKENDS.items():
+        print(f"{feature} runs on: {', '.join(names)}")
+    if torch.cuda.is_available():
         chosen = backends.resolve("auto", torch.device("cuda"), [torch.float32])
         print(f"backend='auto' runs CUDA tensors on: {chosen}")
 
