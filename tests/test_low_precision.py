@@ -384,3 +384,40 @@ def test_sgd_and_lion_take_the_tier_on_the_kernels_as_in_the_reference(kernel_ba
     (ref_master, ref_state), (master_k, state_k) = results
     torch.testing.assert_close(master_k, ref_master, **TOLERANCE[torch.float32])
     assert (state_k == ref_state).float().mean() > 0.99
+
+
+# ----------------------------------------------------------------------------- what users do
+def test_masters_survive_deepcopy_add_param_group_and_a_rebuild():
+    import copy
+    p, opt = run(BF16, 32, steps=5, numel=300)
+    remainder = opt.engine.remainder_view(p).clone()
+    assert remainder.abs().sum() > 0
+    twin = copy.deepcopy(opt)
+    twin_p = twin.param_groups[0]["params"][0]
+    assert torch.equal(twin.engine.remainder_view(twin_p), remainder)
+    # A new group rebuilds the layout: the masters' low bits follow their params.
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(7, dtype=BF16))]})
+    assert torch.equal(opt.engine.remainder_view(p), remainder)
+    assert torch.equal(opt.state[p]["master_remainder"], remainder)
+    assert torch.equal(opt.state_dict()["state"][0]["master_remainder"], remainder)
+
+
+def test_bf16_state_is_bit_reproducible_run_to_run():
+    a, opt_a = run(torch.float32, None, steps=20, state_dtype="bf16")
+    b, opt_b = run(torch.float32, None, steps=20, state_dtype="bf16")
+    assert torch.equal(a, b)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt_a.state[a][key], opt_b.state[b][key])
+
+
+def test_model_float_after_construction_gives_each_param_its_master():
+    p, opt = run(BF16, 32, steps=5, numel=300)
+    masters = master.combine(p.detach(), opt.engine.remainder_view(p), 32)
+    with torch.no_grad():
+        p.data = p.data.float()
+    p.grad = torch.zeros_like(p)
+    opt.param_groups[0]["lr"] = 0.0  # a step that changes nothing, after the rebuild
+    opt.step()
+    assert p.dtype == torch.float32 and opt.engine.remainder_view(p) is None
+    assert torch.equal(p.detach(), masters)
+    assert not torch.equal(p.detach(), masters.to(BF16).float())

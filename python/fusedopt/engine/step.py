@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt import distributed
-from fusedopt.engine import backends, layout
+from fusedopt.engine import backends, layout, master
 from fusedopt.engine.reference import ReferenceTensor, reference_step, scaler_update
 from fusedopt.engine.tables import DeviceTables, Segment, is_dense, same_layout
 
@@ -100,10 +100,19 @@ class Engine:
                 ds.tensor_step[position] = step
                 for name, value in state.items():
                     self.state_view(p, name).copy_(value.reshape(p.shape))
+                if remainder is None:
+                    continue
                 target = self.remainder_view(p)
-                if target is not None and remainder is not None:
+                local = distributed.local(p)
+                if target is not None:
                     # Same dtype (bf16) on a new device: the master's low bits move with it.
                     target.copy_(remainder.reshape(target.shape))
+                elif local.dtype == torch.float32 and torch.equal(
+                        local.to(torch.bfloat16).float(), local):
+                    # model.float() after construction: the fp32 param becomes its master (the
+                    # bf16 value it was cast from, and the low bits kept here).
+                    local.copy_(master.combine(local.to(torch.bfloat16),
+                                               remainder.to(local.device), self.master_bits))
 
     def state_view(self, p, name):
         """The state `name` of p as the kernels hold it (this rank's shard for a DTensor p)."""
