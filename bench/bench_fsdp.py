@@ -39,6 +39,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_e2e  # noqa: E402
+import bench_step  # noqa: E402
 from bench_e2e import BETAS, GB, LR, MAX_GRAD_NORM, WEIGHT_DECAY  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +176,7 @@ def main(argv=None):
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    commit, dirty = bench_e2e.bench_step.git_commit()
+    commit, dirty = bench_step.git_commit()
     header = {"name": args.name or f"fsdp_{world}{'gpu' if device.type == 'cuda' else 'cpu'}",
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "world_size": world, "model": args.model, "torch": torch.__version__,

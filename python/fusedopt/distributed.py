@@ -55,8 +55,6 @@ class ShardReduction:
     """The collectives that turn local per-tensor figures into the full tensors' figures."""
 
     def __init__(self, mesh, shard_dim, stat_ops, device):
-        self.mesh = mesh
-        self.shard_dim = shard_dim
         self.group = mesh.get_group(shard_dim)
         # Which statistic rows reduce how, as device index tensors made once: indexing with a
         # Python list would copy it to the GPU, and wait for that copy, at every step.

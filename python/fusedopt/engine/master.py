@@ -71,7 +71,3 @@ def split(master, bits):
         remainder = (low >> 8).to(torch.uint8)
     return param, remainder
 
-
-def rounded(master, bits):
-    """The master value the optimizer keeps: m itself (32 bits) or m rounded to 24 bits."""
-    return combine(*split(master, bits), bits)

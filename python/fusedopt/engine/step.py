@@ -21,17 +21,18 @@ class Engine:
 
     `algorithm` is a fusedopt.algorithms module; `entries` the (param, group index, name) of
     every param in optimizer order; `master_bits` None, 24 or 32: master weights for bf16 params
-    (fusedopt/engine/master.py). Public surface: `devices` (DeviceTables by device),
+    (fusedopt/engine/master.py); `state_storage` None (fp32 state) or torch.bfloat16 (rounded
+    stochastically, fusedopt/engine/stochastic.py). Public surface: `devices` (DeviceTables by device),
     `state_view(p, name)`, `remainder_view(p)`, `step_count(p)`, `refresh(groups, validate)`,
     `run(scaling, max_grad_norm, collect_stats)`, `rebuild(entries)`.
     """
 
     def __init__(self, algorithm, entries, num_groups, backend, master_bits=None,
-                 state_dtype=None):
+                 state_storage=None):
         self.algorithm = algorithm
         self.backend = backend
         self.master_bits = master_bits
-        self.state_dtype = state_dtype
+        self.state_storage = state_storage
         self.num_stats = len(algorithm.STATS)
         self.build(entries, num_groups)
 
@@ -49,14 +50,14 @@ class Engine:
                 raise ValueError(f"params: {self.names[p]} is float16; master_weight_bits "
                                  "splits a master into a bfloat16 param and its low bits, so it "
                                  "takes bfloat16 (and float32, which needs none) params")
-            if self.state_dtype is not None and torch.float64 in by_dtype:
+            if self.state_storage is not None and torch.float64 in by_dtype:
                 p = by_dtype[torch.float64][0]
                 raise ValueError(f"params: {self.names[p]} is float64; state_dtype='bf16' is "
                                  "for float32, bfloat16 and float16 params")
             needs = []
             if self.master_bits is not None and torch.bfloat16 in by_dtype:
                 needs.append("master_weight_bits")
-            if self.state_dtype is not None:
+            if self.state_storage is not None:
                 needs.append("state_dtype='bf16'")
             backend = backends.resolve(self.backend, device, list(by_dtype), needs)
             segments, offset = [], 0
@@ -65,7 +66,7 @@ class Engine:
                     for p in params:
                         self._check_dense(p, distributed.local(p))
                 segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE,
-                                        self.master_bits, self.state_dtype))
+                                        self.master_bits, self.state_storage))
                 offset += len(params)
             self.devices[device] = DeviceTables(device, segments, self.group_of, num_groups,
                                                 self.num_stats, backend)

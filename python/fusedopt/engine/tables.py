@@ -67,7 +67,6 @@ class Segment:
             total += layout.state_span(p.numel())
             block_start.append(block_start[-1] + layout.blocks_of(p.numel()))
         self.block_starts = [b * BLOCK for b in block_start[:-1]]
-        self.state_total = total
         self.num_blocks = block_start[-1]
         block_tensor = torch.empty(self.num_blocks, dtype=torch.int32)
         for i in range(len(self.params)):
@@ -90,16 +89,22 @@ class Segment:
     def state_index(self, i):
         """Each element's index in the state buffers, shaped like tensor i's state: the random
         bits of stochastic rounding are a function of it (fusedopt/engine/stochastic.py)."""
-        return self._view(torch.arange(self.state_total, device=self.device), i)
+        start = self.state_starts[i]
+        span = torch.arange(start, start + layout.state_span(self.tensors[i].numel()),
+                            device=self.device)
+        return self._view(span, i, offset=0)
 
     def remainder_view(self, i):
         """Tensor i's master-weight remainder (None without master weights)."""
         return None if self.remainder is None else self._view(self.remainder, i)
 
-    def _view(self, buffer, i):
+    def _view(self, buffer, i, offset=None):
+        """Tensor i's part of a buffer laid out like the state (from `offset`, by default the
+        tensor's state start), with the param's shape and memory layout."""
         p = self.tensors[i]
         strides = p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
-        return buffer.as_strided(p.shape, strides, self.state_starts[i])
+        return buffer.as_strided(p.shape, strides,
+                                 self.state_starts[i] if offset is None else offset)
 
     def block_workspace(self, rows):
         """Per-block partials [rows, blocks] for one step. Taken from the caching allocator each
