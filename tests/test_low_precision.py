@@ -231,8 +231,9 @@ def test_bad_settings_are_named():
     half = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
     with pytest.raises(ValueError, match="params: param1 is float16"):
         fusedopt.AdamW([p, half], master_weight_bits=32)
-    with pytest.raises(ValueError, match=r"state_dtype must be one of \('fp32', 'bf16'\), got 'int8'"):
-        fusedopt.AdamW([p], state_dtype="int8")
+    with pytest.raises(ValueError, match=r"state_dtype must be one of \('fp32', 'bf16', 'int8'\), "
+                                         "got 'int4'"):
+        fusedopt.AdamW([p], state_dtype="int4")
     with pytest.raises(ValueError, match="state_dtype='bf16': backend='cuda' does not implement"):
         fusedopt.AdamW([p], backend="cuda", state_dtype="bf16")
     double = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))

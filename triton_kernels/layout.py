@@ -5,7 +5,7 @@ schema from here rather than from fusedopt.engine.layout directly.
 """
 import triton.language as tl
 
-from fusedopt.engine import layout
+from fusedopt.engine import int8, layout
 
 BLOCK = tl.constexpr(layout.BLOCK)
 STATE_ALIGN = tl.constexpr(layout.STATE_ALIGN)
@@ -30,6 +30,13 @@ FOUND_INF = tl.constexpr(layout.FOUND_INF)
 INV_SCALE = tl.constexpr(layout.INV_SCALE)
 SKIPPED_STEPS = tl.constexpr(layout.SKIPPED_STEPS)
 SCALE = tl.constexpr(layout.SCALE)
+
+# 8-bit state (fusedopt/engine/int8.py).
+INT8_GROUP = tl.constexpr(int8.GROUP)
+INT8_TOP_EXPONENT = tl.constexpr(int8.TOP_EXPONENT)
+INT8_MIN_SCALE = tl.constexpr(int8.MIN_SCALE)
+INT8_SIGNED_MANTISSA = tl.constexpr(int8.MANTISSA_BITS["signed"])
+INT8_SQRT_MANTISSA = tl.constexpr(int8.MANTISSA_BITS["sqrt"])
 
 
 def algorithm_column(algorithm_hyper, name):

@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 
 from .algorithms import REGISTRY
-from .layout import (BLOCK, CLIP_COEF, FOUND_INF, GRAD_ADDR, GROUP, HYPER_COLUMNS, INV_SCALE,
-                     NUMEL, PARAM_ADDR, BLOCK_START, STATE_ALIGN, STATE_START)
+from .layout import (BLOCK, CLIP_COEF, FOUND_INF, GRAD_ADDR, GROUP, HYPER_COLUMNS, INT8_GROUP,
+                     INT8_MIN_SCALE, INT8_SIGNED_MANTISSA, INT8_SQRT_MANTISSA, INT8_TOP_EXPONENT,
+                     INV_SCALE, NUMEL, PARAM_ADDR, BLOCK_START, STATE_ALIGN, STATE_START)
 
 
 @triton.jit
@@ -73,8 +74,8 @@ def _split_master(master, MASTER_BITS: tl.constexpr):
 
 
 @triton.jit
-def _random16(step, index, STREAM: tl.constexpr):
-    """16 random bits per element: fusedopt/engine/stochastic.py, random16 (uint32 wraps)."""
+def _hash32(step, index, STREAM: tl.constexpr):
+    """32 random bits per element: fusedopt/engine/stochastic.py, hash32 (uint32 wraps)."""
     key: tl.constexpr = (STREAM * 0xC2B2AE3D) & 0xFFFFFFFF
     h = index.to(tl.uint32) * 0x9E3779B1
     h = h ^ (step.to(tl.uint32) * 0x85EBCA77 + key)
@@ -82,23 +83,104 @@ def _random16(step, index, STREAM: tl.constexpr):
     h = h * 0x7FEB352D
     h = h ^ (h >> 15)
     h = h * 0x846CA68B
-    h = h ^ (h >> 16)
-    return h & 0xFFFF
+    return h ^ (h >> 16)
 
 
 @triton.jit
 def _stochastic_bf16(value, step, index, STREAM: tl.constexpr):
     """fp32 -> bf16, rounded stochastically: fusedopt/engine/stochastic.py, to_bf16."""
-    bits = value.to(tl.uint32, bitcast=True) + _random16(step, index, STREAM)
+    bits = value.to(tl.uint32, bitcast=True) + (_hash32(step, index, STREAM) & 0xFFFF)
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
-def _store_state(ptr, offsets, value, mask, step, index, STREAM: tl.constexpr,
-                 STATE_BF16: tl.constexpr, MASKED: tl.constexpr):
-    if STATE_BF16:
-        value = _stochastic_bf16(value, step, index, STREAM)
-    _store(ptr, offsets, value, mask, MASKED)
+def _int8_mantissa(SQRT: tl.constexpr):
+    if SQRT:
+        return INT8_SQRT_MANTISSA
+    else:
+        return INT8_SIGNED_MANTISSA
+
+
+@triton.jit
+def _decode8(codes, scale, SQRT: tl.constexpr):
+    """fp32 values of 8-bit codes and their groups' scale bytes: fusedopt/engine/int8.py,
+    decode."""
+    mantissa = _int8_mantissa(SQRT)
+    c = codes.to(tl.int32)
+    magnitude = c
+    if not SQRT:
+        magnitude = c & 0x7F
+    e = magnitude >> mantissa
+    f = magnitude & ((1 << mantissa) - 1)
+    significand = tl.where(e >= 1, f + (1 << mantissa), f)
+    unit_field = tl.maximum(tl.maximum(e, 1) - INT8_TOP_EXPONENT - mantissa + scale.to(tl.int32),
+                            0)
+    value = significand.to(tl.float32) * (unit_field << 23).to(tl.float32, bitcast=True)
+    if SQRT:
+        value = value * value
+    else:
+        value = tl.where((c & 0x80) != 0, -value, value)
+    return value
+
+
+@triton.jit
+def _encode8(value, step, index, mask, STREAM: tl.constexpr, SQRT: tl.constexpr,
+             MASKED: tl.constexpr):
+    """(codes, group scale bytes) of a block's fp32 values, rounded stochastically:
+    fusedopt/engine/int8.py, quantize, with the random bits of (step, index, STREAM)."""
+    mantissa = _int8_mantissa(SQRT)
+    dropped = 23 - mantissa
+    x = value
+    if SQRT:
+        x = tl.sqrt_rn(value)
+    bits = x.to(tl.int32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF
+    if MASKED:
+        magnitude = tl.where(mask, magnitude, 0)
+    groups: tl.constexpr = BLOCK // INT8_GROUP
+    largest = tl.max(tl.reshape(magnitude, [groups, INT8_GROUP]), axis=1)
+    group_scale = (largest + ((1 << dropped) - 1)) >> 23
+    group_scale = tl.where(group_scale >= INT8_MIN_SCALE, group_scale, 0)
+    scale = tl.reshape(tl.broadcast_to(group_scale[:, None], [groups, INT8_GROUP]), [BLOCK])
+    random = (_hash32(step, index, STREAM) & ((1 << dropped) - 1)).to(tl.int32)
+    exponent = magnitude >> 23
+    normal = (exponent >= 1) & (exponent - scale + INT8_TOP_EXPONENT >= 1)
+    in_normal = ((magnitude + random) >> dropped) - ((scale - INT8_TOP_EXPONENT) << mantissa)
+    significand = (magnitude & 0x7FFFFF) | tl.where(exponent > 0, 0x800000, 0)
+    shift = tl.minimum(tl.maximum(scale - INT8_TOP_EXPONENT + 1 - tl.maximum(exponent, 1), 0), 31)
+    in_linear = ((significand >> shift) + random) >> dropped
+    code = tl.where(normal, in_normal, in_linear)
+    if SQRT:
+        code = tl.where(magnitude > 0, tl.maximum(code, 1), 0)
+    code = tl.where(scale == 0, 0, code)
+    if not SQRT:
+        code = code | tl.where((code > 0) & (bits < 0), 0x80, 0)
+    return code.to(tl.uint8), group_scale.to(tl.uint8)
+
+
+@triton.jit
+def _load_state(ptr, scale_ptr, offsets, mask, SQRT: tl.constexpr, STATE_INT8: tl.constexpr,
+                MASKED: tl.constexpr):
+    """A state as fp32: widened from fp32 / bf16 storage, or decoded from 8-bit codes."""
+    value = _load(ptr, offsets, mask, MASKED)
+    if STATE_INT8:
+        return _decode8(value, _load(scale_ptr, offsets // INT8_GROUP, mask, MASKED), SQRT)
+    else:
+        return value.to(tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, scale_ptr, offsets, value, mask, group_mask, step, index,
+                 STREAM: tl.constexpr, SQRT: tl.constexpr, STATE_BF16: tl.constexpr,
+                 STATE_INT8: tl.constexpr, MASKED: tl.constexpr):
+    if STATE_INT8:
+        codes, scales = _encode8(value, step, index, mask, STREAM, SQRT, MASKED)
+        _store(ptr, offsets, codes, mask, MASKED)
+        _store(scale_ptr, tl.arange(0, BLOCK // INT8_GROUP), scales, group_mask, MASKED)
+    else:
+        if STATE_BF16:
+            value = _stochastic_bf16(value, step, index, STREAM)
+        _store(ptr, offsets, value, mask, MASKED)
 
 
 @triton.jit
@@ -126,11 +208,13 @@ def _neutral(OPS: tl.constexpr, COLUMN: tl.constexpr):
 
 
 @triton.jit
-def _step_block(param, grad, state1, state2, remainder, state_element, offsets, mask, row, step,
-                pid, globals_ptr, stats_ptr, stats_stride, ALGO_UPDATE: tl.constexpr,
-                ALGO_USES_STATE: tl.constexpr, NUM_STATES: tl.constexpr, NUM_STATS: tl.constexpr,
-                DTYPE: tl.constexpr, MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr,
-                STATS: tl.constexpr, MASKED: tl.constexpr):
+def _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_element, offsets,
+                mask, group_mask, row, step, pid, globals_ptr, stats_ptr, stats_stride,
+                ALGO_UPDATE: tl.constexpr, ALGO_USES_STATE: tl.constexpr,
+                NUM_STATES: tl.constexpr, NUM_STATS: tl.constexpr, DTYPE: tl.constexpr,
+                MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr,
+                SQRT1: tl.constexpr, SQRT2: tl.constexpr, STATS: tl.constexpr,
+                MASKED: tl.constexpr):
     p = _load(param, offsets, mask, MASKED).to(tl.float32)
     if MASTER_BITS > 0:
         p = _combine_master(p, _load(remainder, offsets, mask, MASKED), MASTER_BITS)
@@ -140,9 +224,9 @@ def _step_block(param, grad, state1, state2, remainder, state_element, offsets, 
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
     s2 = tl.zeros([BLOCK], dtype=tl.float32)
     if uses_state:
-        s1 = _load(state1, offsets, mask, MASKED).to(tl.float32)
+        s1 = _load_state(state1, scale1, offsets, mask, SQRT1, STATE_INT8, MASKED)
         if NUM_STATES > 1:
-            s2 = _load(state2, offsets, mask, MASKED).to(tl.float32)
+            s2 = _load_state(state2, scale2, offsets, mask, SQRT2, STATE_INT8, MASKED)
     # With master weights the update stays in fp32 (no rounding to the param's dtype): the
     # split below keeps it whole (32 bits) or rounds it to 24.
     p_new, s1, s2, c0, c1, c2, c3, c4, c5 = ALGO_UPDATE(
@@ -150,8 +234,10 @@ def _step_block(param, grad, state1, state2, remainder, state_element, offsets, 
     if uses_state:
         index = state_element + offsets
         if NUM_STATES > 1:
-            _store_state(state2, offsets, s2, mask, step, index, 2, STATE_BF16, MASKED)
-        _store_state(state1, offsets, s1, mask, step, index, 1, STATE_BF16, MASKED)
+            _store_state(state2, scale2, offsets, s2, mask, group_mask, step, index, 2, SQRT2,
+                         STATE_BF16, STATE_INT8, MASKED)
+        _store_state(state1, scale1, offsets, s1, mask, group_mask, step, index, 1, SQRT1,
+                     STATE_BF16, STATE_INT8, MASKED)
     if MASTER_BITS > 0:
         p_store, r_new = _split_master(p_new, MASTER_BITS)
         _store(param, offsets, p_store, mask, MASKED)
@@ -163,12 +249,14 @@ def _step_block(param, grad, state1, state2, remainder, state_element, offsets, 
 
 
 @triton.jit
-def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_ptr,
-                  remainder_ptr, tensor_step_ptr, hyper_ptr, globals_ptr, stats_ptr,
+def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_ptr, scale1_ptr,
+                  scale2_ptr, remainder_ptr, tensor_step_ptr, hyper_ptr, globals_ptr, stats_ptr,
                   stats_stride, ALGO_UPDATE: tl.constexpr, ALGO_OBSERVE: tl.constexpr,
                   ALGO_USES_STATE: tl.constexpr, NUM_STATES: tl.constexpr,
                   NUM_STATS: tl.constexpr, STAT_OPS: tl.constexpr, DTYPE: tl.constexpr,
-                  MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr, STATS: tl.constexpr):
+                  MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr,
+                  STATE_INT8: tl.constexpr, SQRT1: tl.constexpr, SQRT2: tl.constexpr,
+                  STATS: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
     group = tl.load(table_ptr + GROUP * num_tensors + tensor)
@@ -183,8 +271,12 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
     grad_addr = tl.load(table_ptr + GRAD_ADDR * num_tensors + tensor)
     offsets = tl.arange(0, BLOCK)
     mask = offsets < numel - first
+    # 8-bit state: the block's groups of INT8_GROUP elements and their scale bytes.
+    group_mask = tl.arange(0, BLOCK // INT8_GROUP) * INT8_GROUP < numel - first
     state1 = state1_ptr + state_element
     state2 = state2_ptr + state_element
+    scale1 = scale1_ptr + state_element // INT8_GROUP
+    scale2 = scale2_ptr + state_element // INT8_GROUP
     remainder = remainder_ptr + state_element
     row = hyper_ptr + group * HYPER_COLUMNS
     step = tl.load(tensor_step_ptr + tensor).to(tl.int32)
@@ -204,25 +296,25 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
             s1 = tl.zeros([BLOCK], dtype=tl.float32)
             s2 = tl.zeros([BLOCK], dtype=tl.float32)
             if ALGO_USES_STATE(row):
-                s1 = tl.load(state1 + offsets, mask=mask, other=0.0).to(tl.float32)
+                s1 = _load_state(state1, scale1, offsets, mask, SQRT1, STATE_INT8, True)
                 if NUM_STATES > 1:
-                    s2 = tl.load(state2 + offsets, mask=mask, other=0.0).to(tl.float32)
+                    s2 = _load_state(state2, scale2, offsets, mask, SQRT2, STATE_INT8, True)
             c0, c1, c2, c3, c4, c5 = ALGO_OBSERVE(p, s1, s2, row, step, mask)
             _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
     elif (first + BLOCK <= numel) & (param_addr % 16 == 0) & (grad_addr % 16 == 0):
         param = tl.multiple_of(param_addr.to(tl.pointer_type(DTYPE)), 16) + first
         grad = tl.multiple_of(grad_addr.to(tl.pointer_type(DTYPE)), 16) + first
-        _step_block(param, grad, state1, state2, remainder, state_element, offsets, mask, row,
-                    step, pid, globals_ptr, stats_ptr, stats_stride, ALGO_UPDATE,
-                    ALGO_USES_STATE, NUM_STATES, NUM_STATS, DTYPE, MASTER_BITS, STATE_BF16,
-                    STATS, False)
+        _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_element,
+                    offsets, mask, group_mask, row, step, pid, globals_ptr, stats_ptr,
+                    stats_stride, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS, DTYPE,
+                    MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS, False)
     else:
         param = param_addr.to(tl.pointer_type(DTYPE)) + first
         grad = grad_addr.to(tl.pointer_type(DTYPE)) + first
-        _step_block(param, grad, state1, state2, remainder, state_element, offsets, mask, row,
-                    step, pid, globals_ptr, stats_ptr, stats_stride, ALGO_UPDATE,
-                    ALGO_USES_STATE, NUM_STATES, NUM_STATS, DTYPE, MASTER_BITS, STATE_BF16,
-                    STATS, True)
+        _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_element,
+                    offsets, mask, group_mask, row, step, pid, globals_ptr, stats_ptr,
+                    stats_stride, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS, DTYPE,
+                    MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS, True)
 
 
 _TRITON_DTYPES = {"torch.float32": tl.float32, "torch.bfloat16": tl.bfloat16,
@@ -234,24 +326,30 @@ def triton_dtype(dtype):
 
 
 def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_step, hyper,
-           globals_, stats_partials, remainder=None, master_bits=0):
+           globals_, stats_partials, remainder=None, master_bits=0, scale1=None, scale2=None):
     """One step of `algorithm` over a segment; see docs/kernel_contract.md. `remainder` (int16
     for master_bits 32, uint8 for 24; bf16 params only) holds the master weights' low bits,
-    addressed like the state (fusedopt/engine/master.py)."""
+    addressed like the state (fusedopt/engine/master.py). state1 / state2 are fp32, bf16, or
+    uint8 codes of 8-bit state with their group scale bytes scale1 / scale2
+    (fusedopt/engine/int8.py)."""
     math = REGISTRY[algorithm]
     stats = stats_partials is not None
     num_blocks = block_tensor.numel()
     if num_blocks == 0:
         return
+    codes = tuple(math.STATE_CODES) + ("signed",) * (2 - len(math.STATE_CODES))
     update_kernel[(num_blocks,)](
         block_tensor, tensor_table, tensor_table.shape[1], state1,
         state2 if state2 is not None else state1,
+        scale1 if scale1 is not None else state1,
+        scale2 if scale2 is not None else (scale1 if scale1 is not None else state1),
         remainder if remainder is not None else state1, tensor_step, hyper, globals_,
         stats_partials if stats else globals_, stats_partials.stride(0) if stats else 0,
         ALGO_UPDATE=math.update, ALGO_OBSERVE=math.observe, ALGO_USES_STATE=math.uses_state,
         NUM_STATES=math.NUM_STATES, NUM_STATS=math.NUM_STATS, STAT_OPS=math.STAT_OPS,
         DTYPE=triton_dtype(dtype), MASTER_BITS=master_bits if remainder is not None else 0,
-        STATE_BF16=state1.dtype == torch.bfloat16,
+        STATE_BF16=state1.dtype == torch.bfloat16, STATE_INT8=scale1 is not None,
+        SQRT1=codes[0] == "sqrt", SQRT2=codes[1] == "sqrt",
         STATS=stats,
         # 4 warps (32 elements a thread): 10.28 ms at 1.1B fp32 on the H100 against 11.76 ms
         # with 8 and 11.12 ms with 16 (triton.testing.do_bench medians, one run).

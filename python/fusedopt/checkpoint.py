@@ -6,7 +6,9 @@ torch.optim.AdamW / SGD write them. Every param has an entry, also before its fi
 0, zero state; torch.optim then has none, and loads such an entry to the same effect):
 torch.distributed.checkpoint loads into the tensors of a fresh optimizer's state_dict, so those
 must all be there. State of DTensor params (FSDP2) is saved as DTensors with the param's
-placements. In: a fusedopt or torch.optim state_dict of the same algorithm and groups; DTensor
+placements. 8-bit state is saved decoded, as fp32 (4x its resident size while saving): such a
+checkpoint loads into torch.optim, any tier and any sharding, and back into the same optimizer
+bit-exactly (decoded values encode to the same codes and scales; fusedopt/engine/int8.py). In: a fusedopt or torch.optim state_dict of the same algorithm and groups; DTensor
 values are resharded to the param's placements, full tensors sliced to this rank's shard.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ def state_dict(optimizer):
     for index, (p, _, _) in enumerate(entries):
         entry = {"step": torch.tensor(steps[p], dtype=torch.float32)}
         for name in names:
-            entry[name] = distributed.like_param(p, engine.state_view(p, name).clone())
+            entry[name] = distributed.like_param(p, engine.state_value(p, name).clone())
         remainder = engine.remainder_view(p)
         if remainder is not None:
             entry[REMAINDER] = distributed.like_param(p, remainder.clone())
@@ -83,13 +85,13 @@ def load_state_dict(optimizer, state_dict):
                     value = entry.get(name)
                     target = engine.state_view(p, name)
                     if value is None:
-                        target.zero_()
+                        engine.load_state(p, name, torch.zeros_like(target, dtype=torch.float32))
                         continue
                     value = distributed.local_value(p, value, f"{name} of {engine.names[p]}")
                     if value.shape != target.shape:
                         raise ValueError(f"state_dict: {name} of {engine.names[p]} has shape "
                                          f"{tuple(value.shape)}, expected {tuple(target.shape)}")
-                    target.copy_(value)
+                    engine.load_state(p, name, value)
                 remainder = engine.remainder_view(p)
                 if remainder is not None:
                     value = entry.get(REMAINDER)

@@ -17,12 +17,14 @@ import torch
 from fusedopt import checkpoint, distributed
 from fusedopt.engine import backends, master
 from fusedopt.engine.step import Engine, ScaleInputs
+from fusedopt.engine.tables import INT8_CODES
 from fusedopt.stats import StepStats
 
 
 # state_dtype: the optimizer state's storage. bf16 is rounded stochastically
-# (fusedopt/engine/stochastic.py); None keeps the default (fp32, float64 for float64 params).
-STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+# (fusedopt/engine/stochastic.py), int8 is 8-bit codes with group scales (fusedopt/engine/int8.py);
+# None keeps the default (fp32, float64 for float64 params).
+STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": INT8_CODES}
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -65,7 +67,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The low-precision options in use, as backends.FEATURE_BACKENDS names them."""
         return tuple(feature for feature, used in (
             ("master_weight_bits", self.master_weight_bits is not None),
-            ("state_dtype='bf16'", self.state_dtype == "bf16")) if used)
+            (f"state_dtype='{self.state_dtype}'", self.state_dtype != "fp32")) if used)
 
     # ----------------------------------------------------------------- parameters
     def add_param_group(self, param_group):
@@ -198,12 +200,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         # torch.optim pickles defaults, state and param_groups only; the engine's tables hold
         # device addresses that mean nothing in a copy, so a copy carries the state by value
-        # and builds its own engine over its own params.
+        # (8-bit state decoded: it encodes back to the same bytes) and builds its own engine
+        # over its own params.
         return {"defaults": self.defaults, "param_groups": self.param_groups,
                 "max_grad_norm": self.max_grad_norm, "backend": self.backend,
                 "master_weight_bits": self.master_weight_bits, "state_dtype": self.state_dtype,
                 "collect_stats": self.collect_stats, "algorithm_name": self.ALGORITHM,
-                "saved_state": {p: {k: v.clone() for k, v in s.items()}
+                "saved_state": {p: {**{k: v.clone() for k, v in s.items()},
+                                    **{n: self.engine.state_value(p, n).clone()
+                                       for n in self.algorithm.STATE}}
                                 for p, s in self.state.items()}}
 
     def __setstate__(self, state):
@@ -218,8 +223,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p, entry in saved.items():
                 self.engine.step_count(p).fill_(float(entry["step"]))
                 for name in self.algorithm.STATE:
-                    self.engine.state_view(p, name).copy_(
-                        distributed.local_value(p, entry[name], self.engine.names[p]))
+                    self.engine.load_state(
+                        p, name, distributed.local_value(p, entry[name], self.engine.names[p]))
                 if checkpoint.REMAINDER in entry:
                     self.engine.remainder_view(p).copy_(entry[checkpoint.REMAINDER])
         self._bind_state()

@@ -1,6 +1,7 @@
 """Per-algorithm Triton math, one module each (the same names as fusedopt.algorithms):
-NUM_STATES, NUM_STATS, uses_state(row), update(...) and observe(...). The traversal kernel in
-update.py takes them as constexpr functions; REGISTRY is the one place an algorithm is added."""
+NUM_STATES, NUM_STATS, STATE_CODES, uses_state(row), update(...) and observe(...). The
+traversal kernel in update.py takes them as constexpr functions; REGISTRY is the one place an
+algorithm is added."""
 from . import adamw, lion, sgd
 
 REGISTRY = {"adamw": adamw, "sgd": sgd, "lion": lion}

@@ -8,7 +8,8 @@ Statistics: sum p_new^2, sum (p_new - p_old)^2, min/max/sum v-hat, count(g^2 < v
 import triton
 import triton.language as tl
 
-from fusedopt.algorithms.adamw import HYPER, STATS
+# STATE_CODES: the formats of 8-bit state, which update.py reads from here.
+from fusedopt.algorithms.adamw import HYPER, STATE_CODES, STATS
 
 from ..layout import algorithm_column
 from ..math import INTERPRETED, common_stats, lr_and_decay, power, store_rounding

@@ -6,7 +6,8 @@ Statistics: sum p_new^2, sum (p_new - p_old)^2, sum m_new^2.
 import triton
 import triton.language as tl
 
-from fusedopt.algorithms.lion import HYPER, STATS
+# STATE_CODES: the formats of 8-bit state, which update.py reads from here.
+from fusedopt.algorithms.lion import HYPER, STATE_CODES, STATS
 
 from ..layout import algorithm_column
 from ..math import common_stats, lr_and_decay, store_rounding

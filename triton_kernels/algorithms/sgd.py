@@ -7,7 +7,8 @@ Statistics: sum p_new^2, sum (p_new - p_old)^2, sum buf^2.
 import triton
 import triton.language as tl
 
-from fusedopt.algorithms.sgd import HYPER, STATS
+# STATE_CODES: the formats of 8-bit state, which update.py reads from here.
+from fusedopt.algorithms.sgd import HYPER, STATE_CODES, STATS
 
 from ..layout import LR, algorithm_column
 from ..math import common_stats, store_rounding, weight_decay_coefficient

@@ -16,6 +16,8 @@ from fusedopt.optimizer import FusedOptimizer
 
 NAME = "adamw"
 STATE = ("exp_avg", "exp_avg_sq")
+# state_dtype="int8" formats, per state (fusedopt/engine/int8.py): v is coded on sqrt(v).
+STATE_CODES = ("signed", "sqrt")
 HYPER = ("beta1", "beta2", "eps")
 STATS = layout.COMMON_STATS + (("vhat_min", layout.OP_MIN), ("vhat_max", layout.OP_MAX),
                                ("vhat_sum", layout.OP_SUM), ("v_decrease_count", layout.OP_SUM))

@@ -17,6 +17,7 @@ from fusedopt.optimizer import FusedOptimizer
 
 NAME = "lion"
 STATE = ("exp_avg",)
+STATE_CODES = ("signed",)  # state_dtype="int8" format (fusedopt/engine/int8.py)
 HYPER = ("beta1", "beta2")
 STATS = layout.COMMON_STATS + (("momentum_sumsq", layout.OP_SUM),)
 

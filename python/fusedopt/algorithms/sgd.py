@@ -11,6 +11,7 @@ from fusedopt.optimizer import FusedOptimizer
 
 NAME = "sgd"
 STATE = ("momentum_buffer",)
+STATE_CODES = ("signed",)  # state_dtype="int8" format (fusedopt/engine/int8.py)
 HYPER = ("momentum", "dampening", "nesterov")
 STATS = layout.COMMON_STATS + (("momentum_sumsq", layout.OP_SUM),)
 

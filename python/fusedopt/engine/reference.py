@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fusedopt.engine import master, stochastic
+from fusedopt.engine import int8, master, stochastic
 
 # clip_grad_norm_ adds this to the norm before dividing (torch.nn.utils.clip_grad_norm_).
 CLIP_EPS = 1e-6
@@ -64,9 +64,11 @@ class ReferenceTensor:
     steps taken so far; `grad` None means the tensor is skipped, as in torch.optim. `stats` gets
     grad_sumsq, nonfinite and, with statistics, the algorithm's STATS column values. A bf16
     param with master weights has its `remainder` and `master_bits` (fusedopt/engine/master.py):
-    the step updates the fp32 master and splits it back. bf16 state comes with `state_index`,
-    each element's index in the state buffers: the update runs on fp32 copies, which are then
-    rounded stochastically (fusedopt/engine/stochastic.py).
+    the step updates the fp32 master and splits it back. bf16 and 8-bit state come with
+    `state_index`, each element's index in the state buffers: the update runs on fp32 copies,
+    which are then rounded stochastically (fusedopt/engine/stochastic.py). 8-bit state (uint8
+    codes) also has its `scales` (per state, the tensor's group scale bytes), `state_groups`
+    (each element's group) and `state_codes` (per state, its format): fusedopt/engine/int8.py.
     """
     param: torch.Tensor
     grad: torch.Tensor | None
@@ -77,6 +79,9 @@ class ReferenceTensor:
     remainder: torch.Tensor | None = None
     master_bits: int | None = None
     state_index: torch.Tensor | None = None
+    scales: dict | None = None
+    state_groups: torch.Tensor | None = None
+    state_codes: dict = field(default_factory=dict)
 
     def value(self):
         """The param as the update sees it: its fp32 master, or the param in compute dtype."""
@@ -92,6 +97,34 @@ class ReferenceTensor:
             self.remainder.copy_(remainder)
         else:
             self.param.copy_(value)
+
+    def state_values(self):
+        """The state as the update sees it: the tensors themselves (fp32 / float64 state), or
+        fp32 copies of bf16 or decoded 8-bit state."""
+        if self.state_index is None:
+            return self.state
+        if self.scales is None:
+            return {name: value.float() for name, value in self.state.items()}
+        return {name: int8.decode(codes, self.scales[name].long()[self.state_groups],
+                                  self.state_codes[name])
+                for name, codes in self.state.items()}
+
+    def store_state(self, values):
+        """Round updated fp32 state copies into bf16 or 8-bit storage, stochastically with the
+        random bits of (step, state_index, stream): streams 1, 2 in declaration order, as the
+        kernels' state1, state2."""
+        for stream, (name, value) in enumerate(values.items(), start=1):
+            if self.scales is None:
+                self.state[name].copy_(stochastic.to_bf16(value, self.step, self.state_index,
+                                                          stream))
+                continue
+            code = self.state_codes[name]
+            random = stochastic.hash32(self.step, self.state_index, stream) & (
+                (1 << int8.round_bits(code)) - 1)
+            codes, scales = int8.quantize(value, self.state_groups, self.scales[name].numel(),
+                                          random, code)
+            self.state[name].copy_(codes)
+            self.scales[name].copy_(scales)
 
 
 def compute_view(tensor):
@@ -132,7 +165,7 @@ def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
     for t in active:
         old_param = t.value().clone()
         rounded_state = t.state_index is not None
-        state = {n: v.float() for n, v in t.state.items()} if rounded_state else t.state
+        state = t.state_values()
         state_before = {name: value.clone() for name, value in state.items()}
         grad = None
         new_param = old_param
@@ -147,9 +180,7 @@ def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
                                        weight_decay=h.pop("weight_decay") * k, **h)
             t.store(param)
             if rounded_state:
-                # Streams 1, 2 in declaration order, as the kernels' state1, state2.
-                for stream, (name, value) in enumerate(state.items(), start=1):
-                    t.state[name].copy_(stochastic.to_bf16(value, t.step, t.state_index, stream))
+                t.store_state(state)
             # Statistics see the stored param, or with master weights the fp32 update before
             # the split (for 24 bits: before the master is rounded to 24 bits), as the kernels.
             new_param = param if t.remainder is not None else compute_view(t.param)

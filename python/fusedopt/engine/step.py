@@ -13,7 +13,7 @@ import torch
 from fusedopt import distributed
 from fusedopt.engine import backends, layout, master
 from fusedopt.engine.reference import ReferenceTensor, reference_step, scaler_update
-from fusedopt.engine.tables import DeviceTables, Segment, is_dense, same_layout
+from fusedopt.engine.tables import INT8_CODES, DeviceTables, Segment, is_dense, same_layout
 
 
 class Engine:
@@ -21,9 +21,12 @@ class Engine:
 
     `algorithm` is a fusedopt.algorithms module; `entries` the (param, group index, name) of
     every param in optimizer order; `master_bits` None, 24 or 32: master weights for bf16 params
-    (fusedopt/engine/master.py); `state_storage` None (fp32 state) or torch.bfloat16 (rounded
-    stochastically, fusedopt/engine/stochastic.py). Public surface: `devices` (DeviceTables by device),
-    `state_view(p, name)`, `remainder_view(p)`, `step_count(p)`, `refresh(groups, validate)`,
+    (fusedopt/engine/master.py); `state_storage` None (fp32 state), torch.bfloat16 (rounded
+    stochastically, fusedopt/engine/stochastic.py) or tables.INT8_CODES (8-bit codes and group
+    scales, fusedopt/engine/int8.py). Public surface: `devices` (DeviceTables by device),
+    `state_view(p, name)` (the storage), `state_value(p, name)` / `load_state(p, name, value)`
+    (the numbers), `scale_view(p, name)`, `remainder_view(p)`, `step_count(p)`,
+    `refresh(groups, validate)`,
     `run(scaling, max_grad_norm, collect_stats)`, `rebuild(entries)`.
     """
 
@@ -52,13 +55,14 @@ class Engine:
                                  "takes bfloat16 (and float32, which needs none) params")
             if self.state_storage is not None and torch.float64 in by_dtype:
                 p = by_dtype[torch.float64][0]
-                raise ValueError(f"params: {self.names[p]} is float64; state_dtype='bf16' is "
-                                 "for float32, bfloat16 and float16 params")
+                raise ValueError(f"params: {self.names[p]} is float64; "
+                                 f"{self.state_feature()} is for float32, bfloat16 and float16 "
+                                 "params")
             needs = []
             if self.master_bits is not None and torch.bfloat16 in by_dtype:
                 needs.append("master_weight_bits")
             if self.state_storage is not None:
-                needs.append("state_dtype='bf16'")
+                needs.append(self.state_feature())
             backend = backends.resolve(self.backend, device, list(by_dtype), needs)
             segments, offset = [], 0
             for dtype, params in by_dtype.items():
@@ -66,7 +70,8 @@ class Engine:
                     for p in params:
                         self._check_dense(p, distributed.local(p))
                 segments.append(Segment(params, device, dtype, offset, self.algorithm.STATE,
-                                        self.master_bits, self.state_storage))
+                                        self.master_bits, self.state_storage,
+                                        self.algorithm.STATE_CODES))
                 offset += len(params)
             self.devices[device] = DeviceTables(device, segments, self.group_of, num_groups,
                                                 self.num_stats, backend)
@@ -88,7 +93,7 @@ class Engine:
     def rebuild(self, entries, num_groups):
         """A new layout for new params or params whose dtype or device changed; the state
         follows, converted to the new state dtype and moved to the new device."""
-        saved = {p: (float(self.step_count(p)), {n: self.state_view(p, n).clone()
+        saved = {p: (float(self.step_count(p)), {n: self.state_value(p, n).clone()
                                                  for n in self.algorithm.STATE},
                      self.remainder_view(p))
                  for p in self.slots}
@@ -100,7 +105,7 @@ class Engine:
                 ds, _, _, position = self.slots[p]
                 ds.tensor_step[position] = step
                 for name, value in state.items():
-                    self.state_view(p, name).copy_(value.reshape(p.shape))
+                    self.load_state(p, name, value.reshape(p.shape))
                 if remainder is None:
                     continue
                 target = self.remainder_view(p)
@@ -119,6 +124,27 @@ class Engine:
         """The state `name` of p as the kernels hold it (this rank's shard for a DTensor p)."""
         _, seg, i, _ = self.slots[p]
         return seg.state_view(name, i)
+
+    def state_value(self, p, name):
+        """The state `name` of p as numbers (this rank's shard): the storage view, or the
+        decoded fp32 values of 8-bit state."""
+        _, seg, i, _ = self.slots[p]
+        return seg.state_value(name, i)
+
+    def load_state(self, p, name, value):
+        """Set the state `name` of p (this rank's shard) to value, converted to the storage."""
+        _, seg, i, _ = self.slots[p]
+        seg.load_state(name, i, value)
+
+    def scale_view(self, p, name):
+        """The group scales of p's 8-bit state `name` (fusedopt/engine/int8.py)."""
+        _, seg, i, _ = self.slots[p]
+        return seg.scale_view(name, i)
+
+    def state_feature(self):
+        """The state_dtype option as backends.FEATURE_BACKENDS names it."""
+        return {torch.bfloat16: "state_dtype='bf16'",
+                INT8_CODES: "state_dtype='int8'"}[self.state_storage]
 
     def remainder_view(self, p):
         """The master-weight remainder of p (this rank's shard), None where p keeps no master."""
@@ -298,7 +324,7 @@ class Engine:
                 partials = seg.block_workspace(len(stat_ops)) if collect_stats else None
                 kernels.update(self.algorithm.NAME, seg.dtype, seg.block_tensor, ds.table,
                                *seg.state_pair(), ds.tensor_step, ds.hyper, ds.globals, partials,
-                               seg.remainder, seg.master_bits or 0)
+                               seg.remainder, seg.master_bits or 0, *seg.scale_pair())
                 if partials is not None:
                     kernels.tensor_reduce(partials, seg.tensor_block_start, stat_ops,
                                           ds.stat_values, seg.tensor_offset)
@@ -317,13 +343,17 @@ class Engine:
                 state = {n: self.state_view(p, n) for n in self.algorithm.STATE}
                 remainder = self.remainder_view(p)
                 _, seg, i, _ = self.slots[p]
+                rounded = seg.state_storage in (torch.bfloat16, INT8_CODES)
                 tensor = ReferenceTensor(param=t.data, grad=g if group_index >= 0 else None,
                                          state=state, hyper=hyper,
                                          step=int(ds.tensor_step[position]), remainder=remainder,
                                          master_bits=self.master_bits if remainder is not None
                                          else None,
-                                         state_index=seg.state_index(i)
-                                         if seg.state_storage == torch.bfloat16 else None)
+                                         state_index=seg.state_index(i) if rounded else None,
+                                         scales={n: seg.scale_view(n, i) for n in state}
+                                         if seg.int8 else None,
+                                         state_groups=seg.state_groups(i) if seg.int8 else None,
+                                         state_codes=seg.codes)
                 slots.append((ds, position, tensor))
         scale = scaling.scale_value()
         result = reference_step(self.algorithm, [t for _, _, t in slots], scale=scale,

@@ -13,10 +13,11 @@ on the device). The hash is Chris Wellons' lowbias32 (a 32-bit integer finalizer
 arithmetic mod 2^32:
   h = (index * 0x9E3779B1) ^ (step * 0x85EBCA77 + stream * 0xC2B2AE3D)
   h ^= h >> 16; h *= 0x7FEB352D; h ^= h >> 15; h *= 0x846CA68B; h ^= h >> 16
-The low 16 bits of h are added to the fp32 value's bits and the low half is dropped (on the
-magnitude: the same in both directions for negative values).
+For bf16 state the low 16 bits of h are added to the fp32 value's bits and the low half is
+dropped (on the magnitude: the same in both directions for negative values); 8-bit state
+(fusedopt/engine/int8.py) takes h's low 19 bits the same way.
 
-This module is the specification; triton_kernels/update.py (_random16, _stochastic_bf16) does
+This module is the specification; triton_kernels/update.py (_hash32, _stochastic_bf16) does
 the same integer operations.
 """
 from __future__ import annotations
@@ -26,16 +27,20 @@ import torch
 MASK32 = 0xFFFFFFFF
 
 
-def random16(step: int, index: torch.Tensor, stream: int) -> torch.Tensor:
-    """16 random bits (int64 0..0xFFFF) per element index for one step and state stream."""
+def hash32(step: int, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """32 random bits (int64 0..2^32-1) per element index for one step and state stream."""
     h = (index & MASK32) * 0x9E3779B1 & MASK32
     h = h ^ ((step * 0x85EBCA77 + stream * 0xC2B2AE3D) & MASK32)
     h = h ^ (h >> 16)
     h = h * 0x7FEB352D & MASK32
     h = h ^ (h >> 15)
     h = h * 0x846CA68B & MASK32
-    h = h ^ (h >> 16)
-    return h & 0xFFFF
+    return h ^ (h >> 16)
+
+
+def random16(step: int, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """16 random bits (int64 0..0xFFFF) per element index for one step and state stream."""
+    return hash32(step, index, stream) & 0xFFFF
 
 
 def to_bf16(value: torch.Tensor, step: int, index: torch.Tensor, stream: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt import distributed
-from fusedopt.engine import layout, master
+from fusedopt.engine import int8, layout, master
 from fusedopt.engine.layout import BLOCK
 
 
@@ -39,6 +39,10 @@ def same_layout(a, b) -> bool:
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
 
 
+# 8-bit state: one byte of code per element (fusedopt/engine/int8.py).
+INT8_CODES = torch.uint8
+
+
 def state_dtype(param_dtype):
     # fp32 state for half params (a bf16 second moment loses the small updates that
     # beta2 = 0.999 makes: 1 - 0.999 is below bf16's 2^-8 relative step); float64 stays float64
@@ -54,7 +58,7 @@ class Segment:
     """
 
     def __init__(self, params, device, dtype, tensor_offset, state_names, master_bits=None,
-                 state_storage=None):
+                 state_storage=None, state_codes=None):
         self.params = list(params)
         # What the kernels walk: the params themselves, or this rank's shards of DTensor params.
         self.tensors = [distributed.local(p) for p in self.params]
@@ -76,6 +80,12 @@ class Segment:
         self.state_storage = state_storage or state_dtype(dtype)
         self.states = {name: torch.zeros(total, dtype=self.state_storage, device=device)
                        for name in state_names}
+        # 8-bit state: each state's format and the scale byte of each group of int8.GROUP
+        # elements (STATE_ALIGN is a multiple of the group, so no group spans two tensors).
+        self.int8 = self.state_storage == INT8_CODES
+        self.codes = dict(zip(state_names, state_codes or ()))
+        self.scales = {name: torch.zeros(total // int8.GROUP, dtype=torch.uint8, device=device)
+                       for name in state_names} if self.int8 else None
         # bf16 params with master weights: the masters' low bits (fusedopt/engine/master.py),
         # laid out like the state. Zero: each master starts equal to its param.
         self.master_bits = master_bits if dtype == torch.bfloat16 else None
@@ -93,6 +103,40 @@ class Segment:
         span = torch.arange(start, start + layout.state_span(self.tensors[i].numel()),
                             device=self.device)
         return self._view(span, i, offset=0)
+
+    def scale_view(self, name, i):
+        """Tensor i's scale bytes of 8-bit state `name`, one per group of its state."""
+        start = self.state_starts[i] // int8.GROUP
+        return self.scales[name][start:start + layout.state_span(self.tensors[i].numel())
+                                 // int8.GROUP]
+
+    def state_groups(self, i):
+        """Each element's group among tensor i's scale_view, shaped like its state."""
+        return (self.state_index(i) - self.state_starts[i]) // int8.GROUP
+
+    def state_value(self, name, i):
+        """Tensor i's state `name` as numbers: the view itself, or for 8-bit state the decoded
+        fp32 values (a new tensor)."""
+        view = self.state_view(name, i)
+        if not self.int8:
+            return view
+        groups = self.state_groups(i)
+        return int8.decode(view, self.scale_view(name, i).long()[groups], self.codes[name])
+
+    def load_state(self, name, i, value):
+        """Set tensor i's state `name` to value (any float dtype, the state's shape), converted
+        to the storage; 8-bit state is quantized rounding to nearest."""
+        view = self.state_view(name, i)
+        if not self.int8:
+            view.copy_(value)
+            return
+        scales = self.scale_view(name, i)
+        code = self.codes[name]
+        codes, scale_bytes = int8.quantize(value.to(self.device, torch.float32),
+                                           self.state_groups(i), scales.numel(),
+                                           int8.nearest(code), code)
+        view.copy_(codes)
+        scales.copy_(scale_bytes)
 
     def remainder_view(self, i):
         """Tensor i's master-weight remainder (None without master weights)."""
@@ -114,7 +158,15 @@ class Segment:
 
     def state_pair(self):
         """(state1, state2) as the update kernel takes them (None for a missing second)."""
-        values = list(self.states.values()) + [None] * (layout.MAX_STATES - len(self.states))
+        return self._pair(self.states)
+
+    def scale_pair(self):
+        """(scale1, scale2) of 8-bit state, as the update kernel takes them; None otherwise."""
+        return self._pair(self.scales) if self.int8 else (None, None)
+
+    @staticmethod
+    def _pair(buffers):
+        values = list(buffers.values()) + [None] * (layout.MAX_STATES - len(buffers))
         return values[0], values[1]
 
 
