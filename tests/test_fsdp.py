@@ -255,13 +255,14 @@ def checkpoint_round_trips(rank, world, device, backend, dtype, path):
                                        full(value).double(), **F64)
 
 
-def low_precision_resumes_bit_exactly(rank, world, device, path):
-    """bf16 params with 32-bit masters and bf16 state: the remainders and the bf16 moments go
-    through DCP as DTensors and the resumed run is bit-identical."""
+def low_precision_resumes_bit_exactly(rank, world, device, path, bits, state_dtype):
+    """bf16 params with masters and bf16 or 8-bit state: the remainders and the moments (8-bit
+    ones decoded, each shard's groups its own) go through DCP as DTensors and the resumed run
+    is bit-identical."""
     def run(steps, load_from=None, save_to=None, start=0):
         net = shard(Net(torch.bfloat16).to(device))
         opt = fusedopt.AdamW(groups(net), lr=1e-2, max_grad_norm=0.05, backend="reference",
-                             master_weight_bits=32, state_dtype="bf16")
+                             master_weight_bits=bits, state_dtype=state_dtype)
         if load_from is not None:
             state = {"model": net.state_dict(), "optim": get_optimizer_state_dict(net, opt)}
             dcp.load(state, checkpoint_id=load_from)
@@ -361,8 +362,10 @@ def test_fsdp_checkpoints_through_dcp(tmp_path):
           path=str(tmp_path))
 
 
-def test_fsdp_low_precision_tier_resumes_through_dcp(tmp_path):
-    spawn(2, low_precision_resumes_bit_exactly, path=str(tmp_path))
+@pytest.mark.parametrize("bits, state_dtype", [(32, "bf16"), (24, "int8")])
+def test_fsdp_low_precision_tier_resumes_through_dcp(tmp_path, bits, state_dtype):
+    spawn(2, low_precision_resumes_bit_exactly, path=str(tmp_path), bits=bits,
+          state_dtype=state_dtype)
 
 
 @pytest.mark.parametrize("world", [1, 4])
