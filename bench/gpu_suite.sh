@@ -14,11 +14,14 @@
 #   5. the end-to-end benchmark, bench/bench_e2e.py: whole training iterations of
 #      llama_1b and gpt2_124m, torch vs fusedopt pipelines (writes after every
 #      pipeline)                                                                      -> e2e_<device>.json, .md
-#   6. the step benchmark, bench/bench_step.py (writes after every row, so a cut
+#   6. LOWPREC=1 only: the low-precision tier (issue 12), bench/bench_lowprec.py: isolated
+#      bf16 step at 1.1B, LLaMA-1B pure-bf16 iterations, the 1500-step loss comparison; the
+#      peers' wheels in wheels/ (if carried) are installed first                      -> lowprec_<device>.json, .md
+#   7. the step benchmark, bench/bench_step.py (writes after every row, so a cut
 #      leaves the rows so far)                                                        -> <name>.json, .md
-#   7. FSDP=1 only (a machine of 2+ GPUs): bench/bench_fsdp.py under torchrun at each world
+#   8. FSDP=1 only (a machine of 2+ GPUs): bench/bench_fsdp.py under torchrun at each world
 #      size of FSDP_WORLDS (default "1 2", up to the GPU count): LLaMA-1B under FSDP2  -> fsdp_<N>gpu.json, .md
-#   8. NCU=1 only: Nsight Compute DRAM bytes and % of peak of every kernel of two
+#   9. NCU=1 only: Nsight Compute DRAM bytes and % of peak of every kernel of two
 #      fused steps (Triton, then CUDA), llama_1b fp32                                -> ncu.txt
 # Eight files at most come back in $OUT, as many as the device returns: hence one log for the
 # build and the tests (their tails are in suite.log too).
@@ -26,7 +29,8 @@
 # Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, TESTS_CAP_S, MICRO_CAP_S, E2E_CAP_S, NCU_CAP_S,
 # SKIP_BUILD=1 (no CUDA build; installs the Python package only if needed), SKIP_TESTS=1,
 # TEST_PATHS (test files or folders, default tests/), SKIP_MICRO=1,
-# SKIP_E2E=1, SKIP_STEP=1, FSDP=1, FSDP_WORLDS, FSDP_CAP_S, FSDP_ARGS, E2E_ARGS (extra bench_e2e.py arguments, e.g. "--models gpt2_124m"), NCU=1, NCU_SHAPE,
+# SKIP_E2E=1, SKIP_STEP=1, LOWPREC=1, LOWPREC_CAP_S, LOWPREC_ARGS (extra bench_lowprec.py arguments,
+# e.g. "--loss --rows torch_fp32,fusedopt_bf16_m32_fp32"), FSDP=1, FSDP_WORLDS, FSDP_CAP_S, FSDP_ARGS, E2E_ARGS (extra bench_e2e.py arguments, e.g. "--models gpt2_124m"), NCU=1, NCU_SHAPE,
 # NAME (results stem),
 # BENCH_ARGS (extra bench_step.py arguments, e.g. "--shapes llama_1b --dtypes fp32"),
 # GIT_COMMIT (recorded in the results; the device's copy of the tree has no .git).
@@ -39,12 +43,19 @@ export PYTHONUNBUFFERED=1
 BUDGET=${SUITE_BUDGET_S:-500}
 # Least time each later step needs, held back from the earlier ones (seconds).
 BENCH_FLOOR=180
+STEP_RESERVE=0
+[[ -z ${SKIP_STEP:-} ]] && STEP_RESERVE=$BENCH_FLOOR
 # The e2e step's floor: on an H100 (fusedopt on Triton) all 14 rows took 75 s including ~10 s of
 # imports; the first row 16 s (CUDA and cuBLAS start-up), llama_1b rows 3-8 s, gpt2_124m 2-4 s.
 # Each row records its wall_s.
 E2E_FLOOR=90
 E2E_RESERVE=0
 [[ -z ${SKIP_E2E:-} ]] && E2E_RESERVE=$E2E_FLOOR
+# The low-precision step's floor: with its defaults it needs ~5.5 min (estimate, see
+# bench/README.md), so it fits only with the other benchmarks skipped and SUITE_BUDGET_S raised.
+LOWPREC_FLOOR=300
+LOWPREC_RESERVE=0
+[[ -n ${LOWPREC:-} ]] && LOWPREC_RESERVE=$LOWPREC_FLOOR
 NCU_RESERVE=0
 [[ -n ${NCU:-} ]] && NCU_RESERVE=${NCU_CAP_S:-120}
 LOG="$OUT/build_tests.log"
@@ -92,7 +103,7 @@ ensure_importable() {
 
 build() {
     local t
-    t=$(cap "${BUILD_CAP_S:-240}" $((BENCH_FLOOR + E2E_RESERVE + NCU_RESERVE + 60)))
+    t=$(cap "${BUILD_CAP_S:-240}" $((STEP_RESERVE + E2E_RESERVE + LOWPREC_RESERVE + NCU_RESERVE + 60)))
     no_time "$t" "build" && return
     say "build fusedopt (CUDA extension for sm_${FUSEDOPT_CUDA_ARCHS:-90}), limit ${t}s"
     # sm_90 only: the H100 needs no other architecture, and one target halves the nvcc time.
@@ -112,7 +123,7 @@ build() {
 
 gpu_tests() {
     local t
-    t=$(cap "${TESTS_CAP_S:-240}" $((BENCH_FLOOR + E2E_RESERVE + NCU_RESERVE)))
+    t=$(cap "${TESTS_CAP_S:-240}" $((STEP_RESERVE + E2E_RESERVE + LOWPREC_RESERVE + NCU_RESERVE)))
     no_time "$t" "tests" && return
     say "tests: pytest -m 'gpu or not slow' ${TEST_PATHS:-tests/}, limit ${t}s"
     # SIGINT at the limit: pytest then reports the test it was in and the summary so far. No -x:
@@ -130,7 +141,7 @@ gpu_tests() {
 
 microbench() {
     local t
-    t=$(cap "${MICRO_CAP_S:-60}" $((BENCH_FLOOR + E2E_RESERVE + NCU_RESERVE)))
+    t=$(cap "${MICRO_CAP_S:-60}" $((STEP_RESERVE + E2E_RESERVE + LOWPREC_RESERVE + NCU_RESERVE)))
     no_time "$t" "microbenchmarks" && return
     say "pytest-benchmark microbenchmarks, limit ${t}s"
     timeout -k 10 "$t" python3 -m pytest -q -p no:cacheprovider bench/test_bench_step.py \
@@ -141,7 +152,7 @@ microbench() {
 
 e2e_bench() {
     local t budget
-    t=$(cap "${E2E_CAP_S:-240}" $((BENCH_FLOOR + NCU_RESERVE)))
+    t=$(cap "${E2E_CAP_S:-240}" $((STEP_RESERVE + LOWPREC_RESERVE + NCU_RESERVE)))
     no_time "$t" "e2e benchmark" && return
     # As in step_bench: stop starting pipelines 15 s before the hard limit.
     budget=$((t > 20 ? t - 15 : 5))
@@ -153,6 +164,26 @@ e2e_bench() {
     local rc=$?
     ((rc == 124 || rc == 137)) && echo "e2e benchmark: cut at the ${t}s limit; the tables hold the rows so far"
     echo "e2e benchmark: exit $rc"
+}
+
+lowprec_bench() {
+    local t budget
+    # FlashOptim and optimi, the peers' rows: pure-Python wheels that the GPU machine lacks,
+    # carried in wheels/ (an ignored folder: the device tool's carry must name it).
+    if compgen -G "wheels/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile wheels/*.whl 2>&1 | tail -n 3
+        echo "peer wheels ($(ls wheels/*.whl | xargs -n1 basename | tr '\n' ' ')): pip exit ${PIPESTATUS[0]}"
+    fi
+    t=$(cap "${LOWPREC_CAP_S:-450}" $((STEP_RESERVE + NCU_RESERVE)))
+    no_time "$t" "low-precision benchmark" && return
+    # As in step_bench: stop starting rows 15 s before the hard limit.
+    budget=$((t > 20 ? t - 15 : 5))
+    say "low-precision benchmark (issue 12): step, e2e, loss parts, limit ${t}s"
+    # shellcheck disable=SC2086  # LOWPREC_ARGS is a list of arguments
+    timeout -k 10 "$t" python3 bench/bench_lowprec.py --out "$OUT" --time-budget-s "$budget" ${LOWPREC_ARGS:-}
+    local rc=$?
+    ((rc == 124 || rc == 137)) && echo "low-precision benchmark: cut at the ${t}s limit; the tables hold the rows so far"
+    echo "low-precision benchmark: exit $rc"
 }
 
 step_bench() {
@@ -218,6 +249,7 @@ main() {
     [[ -z ${SKIP_TESTS:-} ]] && gpu_tests
     [[ -z ${SKIP_MICRO:-} ]] && microbench
     [[ -z ${SKIP_E2E:-} ]] && e2e_bench
+    [[ -n ${LOWPREC:-} ]] && lowprec_bench
     [[ -z ${SKIP_STEP:-} ]] && step_bench
     [[ -n ${FSDP:-} ]] && fsdp_bench
     [[ -n ${NCU:-} ]] && ncu_profile
