@@ -163,10 +163,17 @@ const fusedopt::AlgorithmSchema& algorithm_of(const char* function, const std::s
   fail(function, "algorithm must be one of " + known + ", got '" + name + "'");
 }
 
+// The state buffers' dtype: float32, or bfloat16 (the low-precision tier's bf16 state).
+Dtype state_dtype_of(const char* function, int code) {
+  if (code != int(Dtype::kFloat32) && code != int(Dtype::kBFloat16))
+    fail(function, "state_dtype must be 0 (float32) or 1 (bfloat16), got " + std::to_string(code));
+  return Dtype(code);
+}
+
 void update(const std::string& algorithm, int dtype, uintptr_t block_tensor, int64_t num_blocks,
-            uintptr_t tensor_table, int64_t num_tensors, uintptr_t state1, uintptr_t state2, uintptr_t tensor_step,
-            uintptr_t hyper, uintptr_t globals, uintptr_t stats_partials, int64_t stats_stride, int device,
-            uintptr_t stream) {
+            uintptr_t tensor_table, int64_t num_tensors, uintptr_t state1, uintptr_t state2, int state_dtype,
+            uintptr_t tensor_step, uintptr_t hyper, uintptr_t globals, uintptr_t stats_partials,
+            int64_t stats_stride, uintptr_t remainder, int master_bits, int device, uintptr_t stream) {
   const char* f = "update";
   const fusedopt::AlgorithmSchema& alg = algorithm_of(f, algorithm);
   const Dtype dt = dtype_of(f, dtype);
@@ -179,10 +186,20 @@ void update(const std::string& algorithm, int dtype, uintptr_t block_tensor, int
   a.num_blocks = num_blocks;
   a.tensor_table = pointer<const int64_t>(f, "tensor_table", tensor_table, /*nullable=*/empty);
   a.num_tensors = num_tensors;
-  a.state1 = pointer<float>(f, "state1", state1, /*nullable=*/empty);
-  a.state2 = pointer<float>(f, "state2", state2, /*nullable=*/empty || alg.states < 2);
+  a.state1 = pointer<void>(f, "state1", state1, /*nullable=*/empty);
+  a.state2 = pointer<void>(f, "state2", state2, /*nullable=*/empty || alg.states < 2);
   if (alg.states < 2 && a.state2 != nullptr)
     fail(f, "state2 must be null (0) for " + alg.name + " (one state buffer)");
+  a.state_dtype = state_dtype_of(f, state_dtype);
+  // Master weights: bf16 params only, with their remainder (int16 for 32 bits, uint8 for 24).
+  if (master_bits != 0 && master_bits != 24 && master_bits != 32)
+    fail(f, "master_bits must be 0, 24 or 32, got " + std::to_string(master_bits));
+  if (master_bits != 0 && dt != Dtype::kBFloat16)
+    fail(f, "master_bits must be 0 for dtype " + std::to_string(dtype) +
+                ": master weights are for bfloat16 (1) params");
+  a.master_bits = master_bits;
+  a.remainder = pointer<void>(f, "remainder", remainder, /*nullable=*/empty || master_bits == 0);
+  if (master_bits == 0 && a.remainder != nullptr) fail(f, "remainder must be null (0) when master_bits is 0");
   a.tensor_step = pointer<const float>(f, "tensor_step", tensor_step, /*nullable=*/empty);
   a.hyper = pointer<const float>(f, "hyper", hyper, /*nullable=*/empty);
   a.globals = pointer<const float>(f, "globals", globals);
@@ -279,9 +296,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("growth_tracker"), py::arg("found_inf_in"), py::arg("max_grad_norm"), py::arg("growth_factor"),
         py::arg("backoff_factor"), py::arg("growth_interval"), py::arg("update_scale"), py::arg("device"),
         py::arg("stream"));
-  m.def("update", &update, "Launch 4: one algorithm's step over a segment, with optional statistics partials.",
+  m.def("update", &update, "Launch 4: one algorithm's step over a segment (fp32 or bf16 state, master weights for bf16 "
+        "params), with optional statistics partials.",
         py::arg("algorithm"), py::arg("dtype"), py::arg("block_tensor"), py::arg("num_blocks"),
         py::arg("tensor_table"), py::arg("num_tensors"), py::arg("state1"), py::arg("state2"),
-        py::arg("tensor_step"), py::arg("hyper"), py::arg("globals"), py::arg("stats_partials"),
-        py::arg("stats_stride"), py::arg("device"), py::arg("stream"));
+        py::arg("state_dtype"), py::arg("tensor_step"), py::arg("hyper"), py::arg("globals"),
+        py::arg("stats_partials"), py::arg("stats_stride"), py::arg("remainder"), py::arg("master_bits"),
+        py::arg("device"), py::arg("stream"));
 }

@@ -1,6 +1,7 @@
 // Device helpers shared by the four kernels: storage-dtype conversion, the per-thread element
 // mapping of a BLOCK (vectorized or masked), tensor-table access, fixed-order block reductions and
-// launch checks.
+// launch checks; and the low-precision tier's integer encodings (master weights of bf16 params,
+// bf16 state rounded stochastically), which the update kernel stores with.
 //
 // Determinism: every reduction here has a fixed shape. A thread folds its own elements in slot
 // order, a warp combines lanes with a xor-shuffle butterfly, and warp 0 combines the per-warp
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -56,6 +58,21 @@ struct Storage<__half> {
   static __device__ __forceinline__ Bits from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
 };
 
+// The master weights' remainders (see Master below) are integers: they travel as their own bits
+// and have no float value.
+template <>
+struct Storage<uint16_t> {
+  using Bits = uint16_t;
+};
+
+template <>
+struct Storage<uint8_t> {
+  using Bits = uint8_t;
+};
+
+template <typename S>
+using BitsOf = typename Storage<S>::Bits;
+
 // Elements of T in one 16-byte vector: 4 for fp32, 8 for bf16/fp16.
 template <typename T>
 constexpr int kVec = 16 / int(sizeof(T));
@@ -66,22 +83,32 @@ __device__ __forceinline__ float round_to_storage(float x) {
   return Storage<T>::to_float(Storage<T>::from_float(x));
 }
 
-// A thread's kPerThread elements of one array as raw 16-byte vectors (the full path's loads before
-// conversion): 4 vectors for fp32, 2 for bf16/fp16.
-template <typename S>
+// A thread's kPerThread elements of one array as the full path's raw vectors (its loads before
+// conversion), in slot order, a group of Slots<W>'s W consecutive elements at a time: 16-byte
+// vectors where a group fills them (a thread's fp32 slots take 4, its bf16/fp16 or int16 slots
+// 2), else one 8-byte vector a group (the uint8 remainder at W = 8: 2).
+template <typename S, int W>
 struct RawSlots {
-  static_assert((kPerThread * int(sizeof(S))) % 16 == 0, "slots must fill whole 16-byte vectors");
-  uint4 v[kPerThread * int(sizeof(S)) / 16];
+  static constexpr int kGroupBytes = W * int(sizeof(S));
+  using Vector = std::conditional_t<kGroupBytes >= 16, uint4, uint2>;
+  static_assert(kGroupBytes % int(sizeof(Vector)) == 0, "a group of W elements fills whole vectors");
+  static constexpr int kPerGroup = kGroupBytes / int(sizeof(Vector));  // vectors per group
+  Vector v[kPerThread / W * kPerGroup];
 };
 
 // Element mapping of one BLOCK onto a thread's kPerThread slots. Every array is addressed from a
 // base pointer at the block's first element: params and grads at the tensor's element
-// b * kBlock - BLOCK_START (pointer arithmetic in 64 bits), states at STATE_START plus that element;
-// offsets inside a block stay below kBlock.
+// b * kBlock - BLOCK_START (pointer arithmetic in 64 bits), states (and remainders) at STATE_START
+// plus that element; offsets inside a block stay below kBlock.
 // Full path (the block lies entirely inside the tensor and every base pointer is 16-byte aligned):
-//   slot k * W + j <-> element (k * kThreads + tid) * W + j, W = kVec of the storage dtype, so
-//   each thread issues 16-byte loads and a warp covers 512 contiguous bytes per 16-bit load.
-//   Every array (also the fp32 states) uses the storage dtype's W so the slots line up.
+//   slot k * W + j <-> element (k * kThreads + tid) * W + j, so each thread moves W consecutive
+//   elements of every array in vectors (RawSlots). W is the larger kVec of the param and the
+//   state dtypes (the update kernel picks it): 4 for fp32 params with fp32 state, 8 with bf16/fp16
+//   params or bf16 state. The narrower of the two takes one 16-byte vector per W elements and a
+//   warp covers 512 contiguous bytes of it per load; fp32 arrays at W = 8 take two. The uint8
+//   remainder (24-bit masters, W = 8) moves in 8-byte vectors: a warp still covers 256
+//   contiguous bytes per load, while W = 16 for its sake would give the fp32 states 64 bytes a
+//   lane (12% slower, update.cu's measures).
 // Tail path (the tensor ends inside the block, or a pointer is unaligned):
 //   slot i <-> element i * kThreads + tid, scalar loads masked by the element count.
 // Which path a block takes depends only on the layout and the addresses of its one tensor and of
@@ -110,20 +137,21 @@ struct Slots {
   // branch it would make each array's loads wait for the previous array's data (one DRAM round
   // trip per array instead of one per block). For fp32 the unpack is a register rename.
   template <typename S>
-  __device__ __forceinline__ void load_raw(const S* __restrict__ base, RawSlots<S>& raw) const {
-    constexpr int kLoads = W * int(sizeof(S)) / 16;  // 16-byte loads per W elements of S
+  __device__ __forceinline__ void load_raw(const S* __restrict__ base, RawSlots<S, W>& raw) const {
+    using Vector = typename RawSlots<S, W>::Vector;
+    constexpr int kLoads = RawSlots<S, W>::kPerGroup;
 #pragma unroll
     for (int k = 0; k < kPerThread / W; ++k) {
       const S* src = base + (k * kThreads + int(threadIdx.x)) * W;
 #pragma unroll
-      for (int l = 0; l < kLoads; ++l) raw.v[k * kLoads + l] = reinterpret_cast<const uint4*>(src)[l];
+      for (int l = 0; l < kLoads; ++l) raw.v[k * kLoads + l] = reinterpret_cast<const Vector*>(src)[l];
     }
   }
 
   template <typename S>
-  static __device__ __forceinline__ void unpack(const RawSlots<S>& raw, float (&out)[kPerThread]) {
-    using Bits = typename Storage<S>::Bits;
-    constexpr int kLoads = W * int(sizeof(S)) / 16;
+  static __device__ __forceinline__ void unpack(const RawSlots<S, W>& raw, float (&out)[kPerThread]) {
+    using Bits = BitsOf<S>;
+    constexpr int kLoads = RawSlots<S, W>::kPerGroup;
 #pragma unroll
     for (int k = 0; k < kPerThread / W; ++k) {
       Bits bits[W];
@@ -133,11 +161,19 @@ struct Slots {
     }
   }
 
-  // Tail path: scalar loads masked by the count; masked slots read as 0.
+  // The slots' bits as they are (the master weights' remainders): the raw vectors hold the slots
+  // in order.
+  template <typename S>
+  static __device__ __forceinline__ void unpack_bits(const RawSlots<S, W>& raw, BitsOf<S> (&out)[kPerThread]) {
+    static_assert(sizeof(out) == sizeof(raw.v), "one element of S per slot");
+    memcpy(out, raw.v, sizeof(out));
+  }
+
+  // Tail path: scalar loads masked by the count; masked slots read as 0. (Written apart from
+  // load_tail_bits: sharing it changed the fp32 kernels' code.)
   template <typename S>
   __device__ __forceinline__ void load_tail(const S* __restrict__ base, float (&out)[kPerThread]) const {
-    using Bits = typename Storage<S>::Bits;
-    const Bits* src = reinterpret_cast<const Bits*>(base);
+    const BitsOf<S>* src = reinterpret_cast<const BitsOf<S>*>(base);
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int e = i * kThreads + int(threadIdx.x);
@@ -146,9 +182,30 @@ struct Slots {
   }
 
   template <typename S>
+  __device__ __forceinline__ void load_tail_bits(const S* __restrict__ base, BitsOf<S> (&out)[kPerThread]) const {
+    const BitsOf<S>* src = reinterpret_cast<const BitsOf<S>*>(base);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = i * kThreads + int(threadIdx.x);
+      out[i] = e < count ? src[e] : BitsOf<S>(0);
+    }
+  }
+
+  template <typename S>
+  __device__ __forceinline__ void load_bits(const S* __restrict__ base, BitsOf<S> (&out)[kPerThread]) const {
+    if (full) {
+      RawSlots<S, W> raw;
+      load_raw(base, raw);
+      unpack_bits(raw, out);
+    } else {
+      load_tail_bits(base, out);
+    }
+  }
+
+  template <typename S>
   __device__ __forceinline__ void load(const S* __restrict__ base, float (&out)[kPerThread]) const {
     if (full) {
-      RawSlots<S> raw;
+      RawSlots<S, W> raw;
       load_raw(base, raw);
       unpack(raw, out);
     } else {
@@ -156,31 +213,110 @@ struct Slots {
     }
   }
 
-  template <typename S>
-  __device__ __forceinline__ void store(S* __restrict__ base, const float (&in)[kPerThread]) const {
-    using Bits = typename Storage<S>::Bits;
+  // Stores one array's slots, slot value x as the bits to_bits(x, e), e its element in the block
+  // (the random bits of a stochastically rounded state depend on it).
+  template <typename S, typename ToBits>
+  __device__ __forceinline__ void store(S* __restrict__ base, const float (&in)[kPerThread], ToBits to_bits) const {
+    using Bits = BitsOf<S>;
     if (full) {
-      constexpr int kStores = W * int(sizeof(S)) / 16;
+      using Vector = typename RawSlots<S, W>::Vector;
+      constexpr int kStores = RawSlots<S, W>::kPerGroup;
 #pragma unroll
       for (int k = 0; k < kPerThread / W; ++k) {
-        S* dst = base + (k * kThreads + int(threadIdx.x)) * W;
+        const int first = (k * kThreads + int(threadIdx.x)) * W;
         Bits bits[W];
 #pragma unroll
-        for (int j = 0; j < W; ++j) bits[j] = Storage<S>::from_float(in[k * W + j]);
-        uint4 raw[kStores];
+        for (int j = 0; j < W; ++j) bits[j] = to_bits(in[k * W + j], first + j);
+        Vector raw[kStores];
         memcpy(raw, bits, sizeof(raw));
 #pragma unroll
-        for (int l = 0; l < kStores; ++l) reinterpret_cast<uint4*>(dst)[l] = raw[l];
+        for (int l = 0; l < kStores; ++l) reinterpret_cast<Vector*>(base + first)[l] = raw[l];
       }
     } else {
       Bits* dst = reinterpret_cast<Bits*>(base);
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
         const int e = i * kThreads + int(threadIdx.x);
-        if (e < count) dst[e] = Storage<S>::from_float(in[i]);
+        if (e < count) dst[e] = to_bits(in[i], e);
       }
     }
   }
+
+  // Stores the values rounded to nearest even into S.
+  template <typename S>
+  __device__ __forceinline__ void store(S* __restrict__ base, const float (&in)[kPerThread]) const {
+    store(base, in, [](float x, int) { return Storage<S>::from_float(x); });
+  }
+};
+
+// Master weights for bf16 params (fusedopt/engine/master.py, the specification; the Triton kernel's
+// _combine_master / _split_master): the fp32 master is the bf16 param plus a remainder of its low
+// bits, laid out like the state. BITS 32 keeps the low 16 bits (int16, handled as uint16_t: the
+// same 16 bits), 24 keeps bits 8-15 (uint8) of the master rounded to 24 bits. The param is the
+// master rounded to nearest with ties away from zero, so that low bits >= 0x8000 always mean
+// "rounded up" and can be undone: integer operations only, as __float2bfloat16_rn rounds ties to
+// even, which the remainder could not be decoded against. Unsigned arithmetic gives the bits of
+// the specification's int32 arithmetic (two's complement, wrapping).
+template <int BITS>
+struct Master {
+  static_assert(BITS == 24 || BITS == 32, "master weights keep 24 or 32 bits");
+  using Remainder = std::conditional_t<BITS == 32, uint16_t, uint8_t>;
+
+  // The fp32 master of a bf16 param (widened to fp32, exact) and its remainder.
+  static __device__ __forceinline__ float combine(float param, Remainder remainder) {
+    const uint32_t p = __float_as_uint(param);
+    const uint32_t low = BITS == 32 ? uint32_t(remainder) : uint32_t(remainder) << 8;
+    const uint32_t carry = low >= 0x8000u ? 0x10000u : 0u;
+    return __uint_as_float((p & 0x80000000u) | (((p & 0x7FFF0000u) - carry) + low));
+  }
+
+  // The bf16 bits of the param the master splits into.
+  static __device__ __forceinline__ uint16_t param_bits(float master) {
+    const uint32_t bits = __float_as_uint(master);
+    const uint32_t magnitude = kept_magnitude(bits);
+    const uint32_t carry = (magnitude & 0xFFFFu) >= 0x8000u ? 0x10000u : 0u;
+    return uint16_t(((bits & 0x80000000u) | ((magnitude & 0x7FFF0000u) + carry)) >> 16);
+  }
+
+  // The remainder the master splits into: its kept low bits.
+  static __device__ __forceinline__ Remainder remainder(float master) {
+    const uint32_t low = kept_magnitude(__float_as_uint(master)) & 0xFFFFu;
+    return Remainder(BITS == 32 ? low : low >> 8);
+  }
+
+ private:
+  // The master's magnitude bits; for 24 bits rounded at bit 8 (ties away from zero) first.
+  static __device__ __forceinline__ uint32_t kept_magnitude(uint32_t bits) {
+    const uint32_t magnitude = bits & 0x7FFFFFFFu;
+    return BITS == 32 ? magnitude : (magnitude + 0x80u) & ~0xFFu;
+  }
+};
+
+// fp32 -> bf16 rounded stochastically (fusedopt/engine/stochastic.py, the specification; the
+// Triton kernel's _random16 / _stochastic_bf16): 16 random bits are added to the fp32 bits and
+// the low half dropped, an integer operation (no __float2bfloat16 rounding), so the value rounds
+// up with probability equal to the dropped fraction. The bits are the lowbias32 hash of (step,
+// element index in the segment's state buffer, stream: 1 for state1, 2 for state2), uint32
+// arithmetic wrapping mod 2^32, so every backend and every run (and a CUDA graph replay, the step
+// being read on the device) gets the same ones.
+class StochasticBf16 {
+ public:
+  // step: the tensor's step count after this step (tensor_step, truncated to an integer).
+  __device__ __forceinline__ StochasticBf16(uint32_t step, uint32_t stream)
+      : key_(step * 0x85EBCA77u + stream * 0xC2B2AE3Du) {}
+
+  __device__ __forceinline__ uint16_t operator()(float x, uint32_t index) const {
+    uint32_t h = (index * 0x9E3779B1u) ^ key_;
+    h ^= h >> 16;
+    h *= 0x7FEB352Du;
+    h ^= h >> 15;
+    h *= 0x846CA68Bu;
+    h ^= h >> 16;
+    return uint16_t((__float_as_uint(x) + (h & 0xFFFFu)) >> 16);
+  }
+
+ private:
+  uint32_t key_;  // the step's and stream's part of the hash, the same for the whole block
 };
 
 // Column `tensor` of the tensor table, int64 [kTableRows, num_tensors] (layout.h, TableRow).

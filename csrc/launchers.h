@@ -18,7 +18,8 @@
 
 namespace fusedopt {
 
-// Storage dtype codes passed from Python (cuda_backend._DTYPE_CODES).
+// Storage dtype codes passed from Python (cuda_backend._DTYPE_CODES), for params and grads and
+// (float32 or bfloat16) for the update's state.
 enum class Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // 2-D float arrays ([rows, columns]) are passed as a pointer and a row stride in elements
@@ -62,13 +63,23 @@ struct UpdateArgs {
   int64_t num_blocks;
   const int64_t* tensor_table;  // [kTableRows, num_tensors]
   int64_t num_tensors;
-  float* state1;                // [num_blocks * kBlock], the algorithm's first state
-  float* state2;                // [num_blocks * kBlock], or null for a one-state algorithm
+  // The state buffers hold state_dtype elements (the kernel picks its instantiation by it, hence
+  // untyped here), each tensor's from STATE_START on.
+  void* state1;                 // the algorithm's first state
+  void* state2;                 // its second, or null for a one-state algorithm
   const float* tensor_step;     // [num_tensors]
   const float* hyper;           // [num_groups, kNumHyper]
   const float* globals;         // [kNumGlobals]
   float* stats_partials;        // [the algorithm's kStats, num_blocks] or null (no statistics)
   int64_t stats_stride;         // row stride of stats_partials
+  // Master weights of bf16 params (fusedopt/engine/master.py): the remainders, laid out like the
+  // state; null with master_bits 0.
+  void* remainder;
+  // The two 4-byte fields last and side by side: with a padding hole after state_dtype in the
+  // middle of this (kernel parameter) struct, nvcc stopped reading block_tensor and tensor_step
+  // through the read-only path (ld.global.nc) in the STATS kernels.
+  int master_bits;              // 0, 32 (int16 remainder) or 24 (uint8 remainder)
+  Dtype state_dtype;            // kFloat32, or kBFloat16 (stored rounded stochastically)
 };
 
 void launch_update(Algorithm algorithm, Dtype dtype, const UpdateArgs& args, cudaStream_t stream);

@@ -162,9 +162,9 @@ def test_wrong_dtype_is_named(recorder):
     with pytest.raises(TypeError, match=r"block_tensor must have dtype int32, got int64"):
         cuda_backend.grad_norm(torch.bfloat16, lay.block_tensor.long(), lay.table, None,
                                lay.block_sums)
-    with pytest.raises(TypeError, match=r"state1 must have dtype float32, got bfloat16"):
-        call_update(lay, "sgd", state1=lay.state1.bfloat16())
-    with pytest.raises(TypeError, match=r"state2 must have dtype float32, got float64"):
+    with pytest.raises(TypeError, match=r"state1 must have dtype float32, bfloat16, got float16"):
+        call_update(lay, "sgd", state1=lay.state1.half())
+    with pytest.raises(TypeError, match=r"state2 must have dtype float32, bfloat16, got float64"):
         call_update(lay, "adamw", state2=lay.state2.double())
     with pytest.raises(TypeError, match=r"dtype must be float32, bfloat16 or float16, got torch.int8"):
         call_update(lay, "lion", dtype=torch.int8)
@@ -305,8 +305,9 @@ def test_wrapper_passes_what_the_binding_expects(recorder):
         growth_interval=100, update_scale=True, device=0, stream=1234)
     common = dict(block_tensor=lay.block_tensor.data_ptr(), num_blocks=nb,
                   tensor_table=lay.table.data_ptr(), num_tensors=2, state1=lay.state1.data_ptr(),
-                  tensor_step=lay.step.data_ptr(), hyper=lay.hyper.data_ptr(),
-                  globals=lay.globals.data_ptr(), device=0, stream=1234)
+                  state_dtype=0, tensor_step=lay.step.data_ptr(), hyper=lay.hyper.data_ptr(),
+                  globals=lay.globals.data_ptr(), remainder=0, master_bits=0, device=0,
+                  stream=1234)
     assert calls[3][1] == dict(common, algorithm="adamw", dtype=2, state2=lay.state2.data_ptr(),
                                stats_partials=partials.data_ptr(), stats_stride=nb + 2)
     assert calls[4][1] == dict(common, algorithm="lion", dtype=0, state2=0, stats_partials=0,
@@ -353,8 +354,9 @@ def test_compiled_module_checks_raw_arguments():
     with pytest.raises(ValueError, match=r"finalize: tensor_table must be a non-null"):
         c.finalize(**{**fin, "tensor_table": 0, "growth_interval": 10})
     up = dict(algorithm="adamw", dtype=0, block_tensor=16, num_blocks=1, tensor_table=16,
-              num_tensors=1, state1=16, state2=16, tensor_step=16, hyper=16, globals=16,
-              stats_partials=0, stats_stride=0, device=0, stream=0)
+              num_tensors=1, state1=16, state2=16, state_dtype=0, tensor_step=16, hyper=16,
+              globals=16, stats_partials=0, stats_stride=0, remainder=0, master_bits=0, device=0,
+              stream=0)
     with pytest.raises(ValueError, match=r"update: algorithm must be one of 'adamw', 'sgd', "
                                          r"'lion', got 'adam'"):
         c.update(**{**up, "algorithm": "adam"})

@@ -10,6 +10,11 @@
 //   p, g, m, v read + p, m, v written = 16 + 12 = 28 B | 12 + 10 = 22 B
 // plus grad_norm's read of g (4 | 2 B): 32 B/param in fp32, the floor of a fused AdamW step.
 // At 1.1B fp32 params the update is 30.8 GB: ~9.6 ms at 3.2 TB/s (H100 SXM copy bandwidth).
+// The low-precision tier: bf16 state moves m and v in 2 B each (8 B less: 20 | 14 B); master
+// weights add the remainder's read + write to bf16 params, 4 B for 32 bits (int16), 2 B for 24
+// (uint8): fp32 state 26 | 24 B, bf16 state 18 | 16 B (32 | 24 bits). With grad_norm's 2 B,
+// bf16 params with 32-bit masters follow an fp32 run's params bit for bit for 28 B/param against
+// its 32, and with bf16 state as well for 20 B.
 #pragma once
 
 #include "../common.cuh"
@@ -74,8 +79,10 @@ struct AdamW {
     stats[4] += vhat;
   }
 
-  // p: the stored param widened to fp32, returned updated (the kernel rounds it to T when storing);
-  // g: the unscaled, clipped gradient; m, v: exp_avg, exp_avg_sq.
+  // p: the stored param widened to fp32 (or the fp32 master), returned updated (the kernel rounds or
+  // splits it when storing); T: the type the statistics see the new param in (the param's storage
+  // dtype, float for a master); g: the unscaled, clipped gradient; m, v: exp_avg, exp_avg_sq in
+  // fp32 (the statistics see them before a bf16 state is rounded).
   template <typename T, bool STATS>
   static __device__ __forceinline__ void step_element(const Coeffs& c, float& p, float g, float& m, float& v,
                                                       float (&stats)[kStats]) {

@@ -7,6 +7,9 @@
 // Napkin math, bytes per element (read + write), for fp32 | bf16/fp16 params:
 //   p, g, m read + p, m written = 12 + 8 = 20 B | 8 + 6 = 14 B
 // plus grad_norm's read of g (4 | 2 B): 24 B/param in fp32, 3/4 of AdamW's 32 B (one state).
+// The low-precision tier: bf16 state moves m in 2 B (4 B less: 16 | 10 B); master weights add
+// the remainder's read + write to bf16 params, 4 B for 32 bits, 2 B for 24: fp32 state 18 | 16 B,
+// bf16 state 14 | 12 B (32 | 24 bits).
 #pragma once
 
 #include "../common.cuh"
@@ -51,9 +54,11 @@ struct Lion {
   // (x > 0) - (x < 0), as torch.sign: 0 for +-0 and NaN.
   static __device__ __forceinline__ float sign(float x) { return float(int(x > 0.f) - int(x < 0.f)); }
 
-  // p: the stored param widened to fp32, returned updated (the kernel rounds it to T when storing);
-  // g: the unscaled, clipped gradient; m: exp_avg. The decay and the signed step round separately,
-  // in that order, as param.mul_(decay).add_(sign, alpha=-lr).
+  // p: the stored param widened to fp32 (or the fp32 master), returned updated (the kernel rounds or
+  // splits it when storing); T: the type the statistics see the new param in (the param's storage
+  // dtype, float for a master); g: the unscaled, clipped gradient; m: exp_avg in fp32. The decay
+  // and the signed step round separately, in that order, as param.mul_(decay).add_(sign,
+  // alpha=-lr).
   template <typename T, bool STATS>
   static __device__ __forceinline__ void step_element(const Coeffs& c, float& p, float g, float& m, float&,
                                                       float (&stats)[kStats]) {

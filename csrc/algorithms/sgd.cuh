@@ -8,7 +8,10 @@
 // Napkin math, bytes per element (read + write), for fp32 | bf16/fp16 params:
 //   with momentum: p, g, buf read + p, buf written = 12 + 8 = 20 B | 8 + 6 = 14 B
 //   momentum 0:    p, g read + p written            = 8 + 4  = 12 B | 4 + 2 = 6 B
-// plus grad_norm's read of g (4 | 2 B).
+// plus grad_norm's read of g (4 | 2 B). The low-precision tier: a bf16 buffer moves in 2 B (4 B
+// less with momentum: 16 | 10 B); master weights add the remainder's read + write to bf16 params,
+// 4 B for 32 bits, 2 B for 24: with momentum 18 | 16 B (fp32 buffer), 14 | 12 B (bf16 buffer),
+// momentum 0 10 | 8 B (32 | 24 bits).
 #pragma once
 
 #include "../common.cuh"
@@ -51,8 +54,9 @@ struct Sgd {
   // Without momentum the buffer is not touched: 8 B/element less, and its statistic is 0.
   static __device__ __forceinline__ bool uses_state(const float* __restrict__ row) { return row[kMomentum] != 0.f; }
 
-  // p: the stored param widened to fp32, returned updated (the kernel rounds it to T when storing);
-  // g: the unscaled, clipped gradient; buf: momentum_buffer.
+  // p: the stored param widened to fp32 (or the fp32 master), returned updated (the kernel rounds or
+  // splits it when storing); T: the type the statistics see the new param in (the param's storage
+  // dtype, float for a master); g: the unscaled, clipped gradient; buf: momentum_buffer in fp32.
   template <typename T, bool STATS>
   static __device__ __forceinline__ void step_element(const Coeffs& c, float& p, float g, float& buf, float&,
                                                       float (&stats)[kStats]) {

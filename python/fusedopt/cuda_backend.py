@@ -7,6 +7,10 @@ current stream to the compiled module, which launches on that stream and never s
 (CUDA-graph capturable, like the Triton kernels). Params and grads are not arguments: the kernels
 reach them through the addresses in the tensor table, which the engine fills and checks.
 
+The update takes the low-precision tier as the Triton kernel does: fp32 or bf16 state (stored
+rounded stochastically, fusedopt/engine/stochastic.py) and master weights for bf16 params (a
+remainder beside the state, fusedopt/engine/master.py).
+
 fusedopt._C is imported on first use, so importing this module needs neither the extension nor
 a GPU. It is built by `pip install -e .` when nvcc is found (see setup.py).
 """
@@ -17,9 +21,11 @@ import importlib
 
 import torch
 
-from fusedopt.engine import layout
+from fusedopt.engine import layout, master
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The update's state buffers: fp32, or bf16 rounded stochastically.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 # Storage dtype codes of csrc/launchers.h (fusedopt::Dtype).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -246,20 +252,52 @@ def finalize(tensor_sums, tensor_table, tensor_step, globals_, scale, growth_tra
                stream=stream)
 
 
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _check_master(dtype, remainder, master_bits, state1):
+    """The master-weight arguments of update: remainder None with master_bits 0, or a remainder of
+    state1's shape (int16 for 32 bits, uint8 for 24) beside bfloat16 params."""
+    if master_bits not in (0,) + master.BITS:
+        raise ValueError(f"master_bits must be 0, 24 or 32, got {master_bits!r}")
+    if remainder is None:
+        if master_bits:
+            raise ValueError(f"remainder is required with master_bits {master_bits} (the masters' "
+                             "low bits), got None")
+        return
+    if not master_bits:
+        raise ValueError("remainder must be None when master_bits is 0 (no master weights)")
+    if dtype != torch.bfloat16:
+        raise ValueError(f"remainder: master weights are kept for bfloat16 params, got dtype "
+                         f"{_dtype_name(dtype)}")
+    expected = master.REMAINDER_DTYPES[master_bits]
+    if isinstance(remainder, torch.Tensor) and remainder.dtype != expected:
+        raise ValueError(f"remainder must have dtype {_dtype_name(expected)} for master_bits "
+                         f"{master_bits}, got {_dtype_name(remainder.dtype)}")
+    _check("remainder", remainder, (expected,), 1)
+    _shape("remainder", remainder, tuple(state1.shape))
+
+
 def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_step, hyper,
-           globals_, stats_partials, remainder=None, master_bits=0) -> None:
+           globals_, stats_partials, remainder=None, master_bits=0, scale1=None,
+           scale2=None) -> None:
     """One step of `algorithm` (a name of layout.ALGORITHMS) over the blocks of one segment whose
     params and grads (at the table's addresses) have storage dtype `dtype`. state1, state2: the
-    algorithm's state buffers in declaration order, float32, one shape, holding each tensor's
-    state from the table's STATE_START on (state2 None for a one-state algorithm); their size
-    against the table is the caller's to keep, as the table lives on the device.
-    stats_partials, if given, float32 [C, B] receives the per-block statistics partials (C = the
-    algorithm's statistics columns). remainder / master_bits (master weights) are not in these
-    kernels: a remainder is refused."""
+    algorithm's state buffers in declaration order, float32 or bfloat16 (bf16 state, stored
+    rounded stochastically), one shape and dtype, holding each tensor's state from the table's
+    STATE_START on (state2 None for a one-state algorithm); their size against the table is the
+    caller's to keep, as the table lives on the device. stats_partials, if given, float32 [C, B]
+    receives the per-block statistics partials (C = the algorithm's statistics columns).
+    remainder, master_bits: master weights for bfloat16 params (fusedopt/engine/master.py), the
+    masters' low bits laid out like the state, int16 for master_bits 32 and uint8 for 24; None
+    and 0 without them. scale1, scale2 (8-bit state's scales, fusedopt/engine/int8.py) are not
+    in these kernels: anything but None is refused."""
     c = _load()
-    if remainder is not None:
-        raise ValueError("master_weight_bits: the CUDA kernels do not implement master weights "
-                         "yet; use backend='triton' or 'reference'")
+    for name, scale in (("scale1", scale1), ("scale2", scale2)):
+        if scale is not None:
+            raise ValueError(f"{name} must be None: the CUDA kernels have no 8-bit state "
+                             "(state_dtype='int8'); use backend='triton' or 'reference'")
     if algorithm not in layout.ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(map(repr, layout.ALGORITHMS))}, "
                          f"got {algorithm!r}")
@@ -270,12 +308,16 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     states, stats = compiled[algorithm]["states"], compiled[algorithm]["stats"]
     code = _storage_dtype(dtype)
     num_blocks, num_tensors = _segment(block_tensor, tensor_table)
-    _check("state1", state1, (torch.float32,), 1)
+    _check("state1", state1, STATE_DTYPES, 1)
     if states == 2:
-        _check("state2", state2, (torch.float32,), 1)
+        _check("state2", state2, STATE_DTYPES, 1)
         _shape("state2", state2, tuple(state1.shape))
+        if state2.dtype != state1.dtype:
+            raise ValueError(f"state2 must have state1's dtype ({_dtype_name(state1.dtype)}), got "
+                             f"{_dtype_name(state2.dtype)}")
     elif state2 is not None:
         raise ValueError(f"state2 must be None for algorithm {algorithm!r} (one state buffer)")
+    _check_master(dtype, remainder, master_bits, state1)
     _check("tensor_step", tensor_step, (torch.float32,), 1)
     _shape("tensor_step", tensor_step, (num_tensors,))
     _check("hyper", hyper, (torch.float32,), 2, contiguous=True)
@@ -287,13 +329,14 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     _check("stats_partials", stats_partials, (torch.float32,), 2, optional=True)
     _shape("stats_partials", stats_partials, (stats, num_blocks))
     device = _device(block_tensor=block_tensor, tensor_table=tensor_table, state1=state1,
-                     state2=state2, tensor_step=tensor_step, hyper=hyper, globals_=globals_,
-                     stats_partials=stats_partials)
+                     state2=state2, remainder=remainder, tensor_step=tensor_step, hyper=hyper,
+                     globals_=globals_, stats_partials=stats_partials)
     index, stream = _launch_context(device)
     c.update(algorithm=algorithm, dtype=code, block_tensor=block_tensor.data_ptr(),
              num_blocks=num_blocks, tensor_table=tensor_table.data_ptr(), num_tensors=num_tensors,
-             state1=state1.data_ptr(), state2=_ptr(state2), tensor_step=tensor_step.data_ptr(),
+             state1=state1.data_ptr(), state2=_ptr(state2),
+             state_dtype=_DTYPE_CODES[state1.dtype], tensor_step=tensor_step.data_ptr(),
              hyper=hyper.data_ptr(), globals=globals_.data_ptr(),
              stats_partials=_ptr(stats_partials),
              stats_stride=_row_stride(stats_partials) if stats_partials is not None else 0,
-             device=index, stream=stream)
+             remainder=_ptr(remainder), master_bits=int(master_bits), device=index, stream=stream)

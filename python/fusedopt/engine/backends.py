@@ -37,10 +37,13 @@ def available(name: str) -> bool:
 
 # The low-precision tier's options, by the backends that implement them: master weights for
 # bf16 params (fusedopt/engine/master.py) and bf16 state with stochastic rounding
-# (fusedopt/engine/stochastic.py) are in the reference and Triton backends, not yet in the CUDA
-# kernels.
-FEATURE_BACKENDS = {"master_weight_bits": ("reference", "triton"),
-                    "state_dtype='bf16'": ("reference", "triton")}
+# (fusedopt/engine/stochastic.py) are in every backend, the kernels doing the specification's
+# integer operations (the Triton update, csrc/update.cu). 'auto' skips a backend missing from a
+# feature's entry, and an explicit one is refused by name (check_features).
+FEATURE_BACKENDS = {"master_weight_bits": ("reference", "triton", "cuda"),
+                    "state_dtype='bf16'": ("reference", "triton", "cuda"),
+                    # 8-bit state (fusedopt/engine/int8.py).
+                    "state_dtype='int8'": ("reference", "triton")}
 
 
 def check_features(name: str, needs) -> None:

@@ -1,0 +1,490 @@
+"""The low-precision tier on the CUDA backend (csrc/update.cu): master weights for bf16 params
+(fusedopt/engine/master.py) and bf16 state rounded stochastically (fusedopt/engine/stochastic.py).
+
+CPU (CI): backend selection no longer refuses the tier on backend="cuda" ('auto' still takes
+CUDA first), the wrapper names a bad remainder, master_bits or state dtype before any launch,
+and the compiled module's own checks of the new raw arguments.
+
+GPU (marked gpu), bit for bit:
+- launch by launch against the specification, on test_cuda_backend's segment (views at
+  unaligned offsets, tails, channels_last, a tensor without a gradient, another segment's tensor):
+  the contract's element math in fp32 torch ops in the kernels' order (expected_step) on the
+  fp32 master (master.combine), split back (master.split), states rounded with stochastic.py's
+  bits; nothing else written; found_inf writes nothing at all; the statistics partials of the
+  fp32 values;
+- whole optimizers over 20 steps with statistics (AdamC, SGD with momentum and Nesterov, Lion;
+  24- and 32-bit masters, fp32 and bf16 state; a view at an odd offset, tails, an inf step that
+  changes nothing): 32-bit masters equal an fp32 run; params, remainders and states equal
+  Triton's with its fused multiply-adds off (nvcc's -fmad=false rounds every product), the
+  statistics up to summation order; all close to the reference (which forms its scalars in
+  Python doubles: not bit for bit).
+"""
+import math
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import cuda_backend
+from fusedopt.engine import backends, layout, master, stochastic
+import test_cuda_backend
+from test_cuda_backend import (BLOCK, CONFIGS, Segment, _extension, algorithm_module,
+                               assert_same_bits, call_update, cpu_layout, expected_step, hyper_of,
+                               memory_order)
+
+# test_cuda_backend's fixtures: cuda (the device, or a skip saying what is missing) and recorder
+# (the wrapper on CPU tensors with a recording extension).
+cuda, recorder = test_cuda_backend.cuda, test_cuda_backend.recorder
+
+BF16 = torch.bfloat16
+TIER = ("master_weight_bits", "state_dtype='bf16'")
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: backend selection and argument checks
+# ---------------------------------------------------------------------------------------------
+
+def test_cuda_backend_takes_the_tier(monkeypatch):
+    backends.check_features("cuda", TIER)  # no longer refused by name
+    # On CPU tensors what stops backend='cuda' is the device, not the features.
+    with pytest.raises(RuntimeError, match="backend='cuda' runs on CUDA tensors"):
+        backends.resolve("cuda", torch.device("cpu"), [BF16], TIER)
+    # With the extension and a GPU, 'auto' takes CUDA first for the tier too.
+    monkeypatch.setattr(backends, "available", lambda name: True)
+    gpu = torch.device("cuda", 0)
+    assert backends.AUTO_GPU_ORDER[0] == "cuda"
+    for needs in ((), TIER[:1], TIER[1:], TIER):
+        assert backends.resolve("auto", gpu, [BF16, torch.float32], needs) == "cuda", needs
+        assert backends.resolve("cuda", gpu, [BF16], needs) == "cuda", needs
+
+
+def test_wrapper_passes_the_tier_to_the_binding(recorder):
+    lay = cpu_layout()
+    m, v = lay.state1.to(BF16), lay.state2.to(BF16)
+    remainder32 = torch.zeros(m.shape, dtype=torch.int16)
+    remainder24 = torch.zeros(m.shape, dtype=torch.uint8)
+    call_update(lay, "adamw", BF16, state1=m, state2=v, remainder=remainder32, master_bits=32)
+    call_update(lay, "lion", BF16, state1=m, remainder=remainder24, master_bits=24)
+    call_update(lay, "sgd", torch.float16, state1=m)
+    call_update(lay, "adamw", torch.float32)
+    got = [(kw["dtype"], kw["state_dtype"], kw["state1"], kw["state2"], kw["remainder"],
+            kw["master_bits"]) for _, kw in recorder.calls]
+    assert got == [(1, 1, m.data_ptr(), v.data_ptr(), remainder32.data_ptr(), 32),
+                   (1, 1, m.data_ptr(), 0, remainder24.data_ptr(), 24),
+                   (2, 1, m.data_ptr(), 0, 0, 0),
+                   (0, 0, lay.state1.data_ptr(), lay.state2.data_ptr(), 0, 0)]
+
+
+def test_wrapper_names_bad_tier_arguments(recorder):
+    lay = cpu_layout()
+    n = lay.state1.numel()
+    r32 = torch.zeros(n, dtype=torch.int16)
+    refused = [
+        (ValueError, r"state2 must have state1's dtype \(bfloat16\), got float32",
+         dict(state1=lay.state1.to(BF16))),
+        (ValueError, r"state2 must have state1's dtype \(float32\), got bfloat16",
+         dict(state2=lay.state2.to(BF16))),
+        (TypeError, r"state1 must have dtype float32, bfloat16, got float16",
+         dict(algorithm="lion", state1=lay.state1.half())),
+        (ValueError, r"master_bits must be 0, 24 or 32, got 16",
+         dict(dtype=BF16, remainder=r32, master_bits=16)),
+        (ValueError, r"remainder is required with master_bits 32",
+         dict(dtype=BF16, master_bits=32)),
+        (ValueError, r"remainder must be None when master_bits is 0",
+         dict(dtype=BF16, remainder=r32)),
+        (ValueError, r"remainder: master weights are kept for bfloat16 params, got dtype float32",
+         dict(dtype=torch.float32, remainder=r32, master_bits=32)),
+        (ValueError, r"remainder: master weights are kept for bfloat16 params, got dtype float16",
+         dict(dtype=torch.float16, remainder=r32, master_bits=32)),
+        (ValueError, r"remainder must have dtype uint8 for master_bits 24, got int16",
+         dict(dtype=BF16, remainder=r32, master_bits=24)),
+        (ValueError, r"remainder must have dtype int16 for master_bits 32, got uint8",
+         dict(dtype=BF16, remainder=r32.to(torch.uint8), master_bits=32)),
+        (ValueError, r"remainder must have dtype int16 for master_bits 32, got float32",
+         dict(dtype=BF16, remainder=r32.float(), master_bits=32)),
+        (ValueError, rf"remainder must have shape \({n},\), got \({n - 1},\)",
+         dict(dtype=BF16, remainder=r32[1:], master_bits=32)),
+        (ValueError, r"remainder must be contiguous",
+         dict(dtype=BF16, remainder=torch.zeros(2 * n, dtype=torch.int16)[::2], master_bits=32)),
+        (ValueError, r"scale2 must be None: the CUDA kernels have no 8-bit state",
+         dict(scale2=torch.zeros(n, dtype=torch.uint8))),
+    ]
+    for error, message, changes in refused:
+        with pytest.raises(error, match=message):
+            call_update(lay, **changes)
+    assert recorder.calls == []
+
+
+def test_compiled_module_checks_tier_arguments():
+    """The binding's checks of the new raw arguments run before any CUDA call: no GPU needed."""
+    c = _extension()
+    if c is None:
+        pytest.skip("fusedopt._C is not built (pip install -e . with nvcc on PATH)")
+    up = dict(algorithm="adamw", dtype=1, block_tensor=16, num_blocks=1, tensor_table=16,
+              num_tensors=1, state1=16, state2=16, state_dtype=1, tensor_step=16, hyper=16,
+              globals=16, stats_partials=0, stats_stride=0, remainder=16, master_bits=32,
+              device=0, stream=0)
+    with pytest.raises(ValueError, match=r"update: state_dtype must be 0 \(float32\) or 1 "
+                                         r"\(bfloat16\), got 2"):
+        c.update(**{**up, "state_dtype": 2})
+    with pytest.raises(ValueError, match=r"update: master_bits must be 0, 24 or 32, got 16"):
+        c.update(**{**up, "master_bits": 16})
+    for dtype in (0, 2):
+        with pytest.raises(ValueError, match=rf"update: master_bits must be 0 for dtype {dtype}: "
+                                             r"master weights are for bfloat16"):
+            c.update(**{**up, "dtype": dtype})
+    with pytest.raises(ValueError, match=r"update: remainder must be a non-null device pointer"):
+        c.update(**{**up, "remainder": 0})
+    with pytest.raises(ValueError, match=r"update: remainder must be null \(0\) when master_bits "
+                                         r"is 0"):
+        c.update(**{**up, "master_bits": 0})
+    # An empty segment launches nothing, with or without the tier.
+    c.update(**{**up, "num_blocks": 0, "block_tensor": 0, "state1": 0, "state2": 0,
+                "remainder": 0})
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: launch by launch against the specification
+# ---------------------------------------------------------------------------------------------
+
+# (param dtype, master bits, state dtype): every instantiation the tier adds.
+MODES = [(torch.float32, 0, BF16), (torch.float16, 0, BF16), (BF16, 0, BF16),
+         (BF16, 32, torch.float32), (BF16, 32, BF16), (BF16, 24, torch.float32), (BF16, 24, BF16)]
+REMAINDER_PAD = 0x55  # in the remainder's padding: never written
+
+
+def mode_id(mode):
+    dtype, bits, state = mode
+    return f"{str(dtype)[6:]}-master{bits}-state_{str(state)[6:]}"
+
+
+class TierSegment(Segment):
+    """test_cuda_backend's segment with bf16 state and, for bits 24 / 32, random remainders (so
+    that the masters carry low bits), REMAINDER_PAD in the remainder's padding."""
+
+    def __init__(self, device, dtype, bits, state_dtype, **kwargs):
+        super().__init__(device, dtype, **kwargs)
+        self.bits = bits
+        self.states = [s.to(state_dtype) for s in self.states]
+        self.remainder = None
+        if bits:
+            gen = torch.Generator().manual_seed(7)
+            high = 1 << 16 if bits == 32 else 1 << 8
+            values = torch.randint(0, high, (self.num_blocks * BLOCK,), generator=gen)
+            values[self.padding_mask().cpu()] = REMAINDER_PAD
+            if bits == 32:
+                values = values - ((values >> 15) << 16)  # the same 16 bits as int16
+            self.remainder = values.to(master.REMAINDER_DTYPES[bits]).to(device)
+
+    def padding_mask(self):
+        mask = torch.ones(self.num_blocks * BLOCK, dtype=torch.bool, device=self.device)
+        for t in self.members:
+            mask[self.state_start[t]:self.state_start[t] + self.params[t].numel()] = False
+        return mask
+
+    def run_update(self, hyper, stats):
+        rows = len(algorithm_module(self.algorithm).STATS)
+        partials = (torch.full((rows, self.num_blocks), -5.0, device=self.device) if stats
+                    else None)
+        cuda_backend.update(self.algorithm, self.dtype, self.block_tensor, self.table,
+                            self.states[0], self.states[1] if len(self.states) > 1 else None,
+                            self.step, hyper, self.globals, partials, self.remainder, self.bits)
+        return partials
+
+    def snapshot(self):
+        shot = super().snapshot()
+        shot.remainder = None if self.remainder is None else self.remainder.clone()
+        return shot
+
+    def value(self, t, shot):
+        """Tensor t's param in a snapshot as the update sees it (CPU fp32, memory order): the
+        master where there is a remainder."""
+        p = shot.params[t].cpu()
+        if shot.remainder is None:
+            return p.float()
+        start, n = self.state_start[t], p.numel()
+        return master.combine(p, shot.remainder[start:start + n].cpu(), self.bits)
+
+    def expected(self, t, hyper, before):
+        """(fp32 value before, fp32 update, fp32 states after, stored param, stored remainder,
+        stored states) of tensor t by the specification."""
+        old = self.value(t, before)
+        states_before = [s.float().cpu() for s in self.state_of(t, before.states)]
+        step = self.step[t].item()
+        new, states = expected_step(self.algorithm, old, self.unscaled_grad(t), states_before,
+                                    hyper_of(self, hyper, t), step)
+        if self.bits:
+            param, remainder = master.split(new, self.bits)
+        else:
+            param, remainder = new.to(self.dtype), None
+        stored_states = states
+        if self.states[0].dtype == BF16:
+            start = self.state_start[t]
+            index = torch.arange(start, start + old.numel())
+            stored_states = [stochastic.to_bf16(s, int(step), index, stream)
+                             for stream, s in enumerate(states, start=1)]
+        return old, new, states, param, remainder, stored_states
+
+
+def check_tier_update(seg, hyper, before, partials, *, found_inf):
+    """Params, remainders and states bit for bit against the specification; nothing written
+    where nothing may be (skipped and foreign tensors, grads, gaps, paddings, steps, globals);
+    then the statistics partials against float64 sums of the fp32 values."""
+    for t in range(len(seg.specs)):
+        p_after = memory_order(seg.params[t]).cpu()
+        if t not in seg.members:
+            assert_same_bits(p_after, before.params[t].cpu(), f"param {t} (another segment)")
+            continue
+        start, n = seg.state_start[t], seg.params[t].numel()
+        s_after = [s.cpu() for s in seg.state_of(t, seg.states)]
+        r_after = None if seg.remainder is None else seg.remainder[start:start + n].cpu()
+        if found_inf or seg.groups[t] < 0:
+            param = before.params[t].cpu()
+            remainder = None if r_after is None else before.remainder[start:start + n].cpu()
+            states = [s.cpu() for s in seg.state_of(t, before.states)]
+        else:
+            _, _, _, param, remainder, states = seg.expected(t, hyper, before)
+        assert_same_bits(p_after, param, f"param {t}")
+        if r_after is not None:
+            assert_same_bits(r_after, remainder, f"remainder of tensor {t}")
+        for i, (ours, exp) in enumerate(zip(s_after, states)):
+            assert_same_bits(ours, exp, f"state{i + 1} of tensor {t}")
+    for t, grad in enumerate(seg.grads):
+        if grad is not None:
+            assert_same_bits(memory_order(grad), before.grads[t], f"grad {t}")
+    for kind, buffer in seg.shared.items():
+        gaps = torch.ones(buffer.numel(), dtype=torch.bool, device=buffer.device)
+        for tensor in seg.params if kind == "param" else seg.grads:
+            offset = 0 if tensor is None else tensor.data_ptr() - buffer.data_ptr()
+            if tensor is not None and 0 <= offset < buffer.numel() * buffer.element_size():
+                start = offset // buffer.element_size()
+                gaps[start:start + tensor.numel()] = False
+        assert_same_bits(buffer[gaps], before.shared[kind][gaps], f"gaps of the shared {kind}s")
+    padding = seg.padding_mask()
+    for i, (ours, orig) in enumerate(zip(seg.states, before.states)):
+        assert_same_bits(ours[padding], orig[padding], f"padding of state{i + 1}")
+    if seg.remainder is not None:
+        assert_same_bits(seg.remainder[padding], before.remainder[padding], "remainder padding")
+    assert_same_bits(seg.step, before.step, "tensor_step")
+    assert_same_bits(seg.globals, before.globals, "globals")
+    if partials is not None:
+        check_tier_partials(seg, hyper, before, partials, found_inf=found_inf)
+
+
+def check_tier_partials(seg, hyper, before, partials, *, found_inf):
+    """Each block's statistics against float64 sums of what the Triton kernel's see: the new
+    param as stored, or with master weights the fp32 update (before a 24-bit rounding) and the
+    old master; the states in fp32 before they are rounded to bf16. A skipped step: the combined
+    master and the widened state."""
+    ops = [op for _, op in algorithm_module(seg.algorithm).STATS]
+    neutral = [{layout.OP_SUM: 0.0, layout.OP_MIN: math.inf, layout.OP_MAX: -math.inf}[op]
+               for op in ops]
+    got = partials.cpu().double()
+    cache = {}
+    for b in range(seg.num_blocks):
+        t, first, count = seg.block_span(b)
+        column = got[:, b]
+        if seg.groups[t] < 0:
+            assert column.tolist() == neutral, f"block {b}"
+            continue
+        if t not in cache:
+            if found_inf:
+                old = seg.value(t, before)
+                states = [s.float().cpu() for s in seg.state_of(t, before.states)]
+                cache[t] = (old, old, states, None)
+            else:
+                old, new, states, param, _, _ = seg.expected(t, hyper, before)
+                seen = new if seg.bits else param.float()
+                v_prev = [s.float().cpu() for s in seg.state_of(t, before.states)]
+                cache[t] = (old, seen, states, v_prev)
+        old, seen, states, v_prev = cache[t]
+        span = slice(first, first + count)
+        p_old, p_new = old[span].double(), seen[span].double()
+        h = hyper_of(seg, hyper, t)
+        exp = [p_new.square().sum(), 0.0 if found_inf else (p_new - p_old).square().sum()]
+        if seg.algorithm == "adamw":
+            step = seg.step[t].item()
+            correction = torch.tensor(1 - h["beta2"] ** step if step > 0 else 1.0,
+                                      dtype=torch.float32)
+            vhat = (states[1][span] / correction).double()
+            g = seg.unscaled_grad(t)[span]
+            decreased = 0 if found_inf else int((g * g < v_prev[1][span]).sum())
+            exp += [vhat.min(), vhat.max(), vhat.sum(), decreased]
+        elif seg.algorithm == "sgd" and h["momentum"] == 0:
+            exp.append(0.0)
+        else:
+            exp.append(states[0][span].double().square().sum())
+        exp = torch.tensor([float(x) for x in exp], dtype=torch.float64)
+        torch.testing.assert_close(column, exp, rtol=1e-5, atol=1e-30, msg=f"block {b}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_update_matches_the_specification_bit_for_bit(cuda, config, mode, stats):
+    algorithm, rows = CONFIGS[config]
+    dtype, bits, state_dtype = mode
+    seg = TierSegment(cuda, dtype, bits, state_dtype, algorithm=algorithm, seed=11)
+    hyper = seg.hyper_table(rows)
+    before = seg.snapshot()
+    partials = seg.run_update(hyper, stats)
+    check_tier_update(seg, hyper, before, partials, found_inf=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+@pytest.mark.parametrize("config", ["adamw", "sgd", "lion"])
+def test_update_found_inf_writes_nothing(cuda, config, mode, stats):
+    algorithm, rows = CONFIGS[config]
+    dtype, bits, state_dtype = mode
+    seg = TierSegment(cuda, dtype, bits, state_dtype, algorithm=algorithm, seed=12)
+    memory_order(seg.grads[6])[10] = float("nan")
+    seg.globals[layout.FOUND_INF] = 1.0
+    hyper = seg.hyper_table(rows)
+    before = seg.snapshot()
+    partials = seg.run_update(hyper, stats)
+    check_tier_update(seg, hyper, before, partials, found_inf=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: whole optimizers over 20 steps
+# ---------------------------------------------------------------------------------------------
+
+STEPS = 20
+INF_STEP = 7
+OPTIMIZERS = {
+    "AdamC": (fusedopt.AdamC, dict(lr=1e-3, weight_decay=0.1)),
+    "SGD": (fusedopt.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01)),
+    "SGD_nesterov": (fusedopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    "Lion": (fusedopt.Lion, dict(lr=1e-4, weight_decay=0.1)),
+}
+
+
+def build_params(dtype, device):
+    """A view at an odd offset of a bigger buffer (the scalar path; 9000 elements = 2 blocks and
+    a tail), a 16-byte aligned view of whole blocks and own allocations with tails (37 x 11, one
+    element, 4097) and without (2 x 4096)."""
+    gen = torch.Generator().manual_seed(0)
+    # bf16 values for every dtype: an fp32 run starts where a bf16 one does.
+    buffer = torch.randn(1 + 9000 + 7 + 2 * BLOCK, generator=gen).to(BF16).to(dtype).to(device)
+    own = [torch.randn(s, generator=gen).to(BF16).to(dtype).to(device)
+           for s in [(37, 11), (1,), (4097,), (2, BLOCK)]]
+    views = [buffer[1:9001], buffer[9008:].view(2, BLOCK)]
+    assert views[1].data_ptr() % 16 == 0 and views[0].data_ptr() % 16 != 0
+    return buffer, [torch.nn.Parameter(t) for t in views + own]
+
+
+def run(name, dtype, backend, *, bits=None, state_dtype="fp32", device="cuda"):
+    """STEPS steps of optimizer `name` with statistics and a cosine lr; at INF_STEP one grad
+    holds an inf, and that step must change nothing (checked here). Returns the params' masters
+    (fp32), params, remainders, states, the last statistics and the views' buffer."""
+    cls, kwargs = OPTIMIZERS[name]
+    buffer, params = build_params(dtype, device)
+    opt = cls(params, backend=backend, stats=True, master_weight_bits=bits,
+              state_dtype=state_dtype, **kwargs)
+    peak = kwargs["lr"]
+    grad_gen = torch.Generator().manual_seed(1)
+
+    def states():
+        return [opt.state[p][name] for p in params for name in opt.engine.algorithm.STATE]
+
+    def snapshot():
+        return ([p.detach().clone() for p in params],
+                [r.clone() for r in map(opt.engine.remainder_view, params) if r is not None],
+                [s.clone() for s in states()])
+
+    for step in range(STEPS):
+        opt.param_groups[0]["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / STEPS))
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=grad_gen).to(BF16).to(dtype).to(device)
+        if step == INF_STEP:
+            params[2].grad.view(-1)[5] = float("inf")
+            before = snapshot()
+        opt.step()
+        if step == INF_STEP:
+            assert opt.stats().to_dict()["global"]["found_inf"]
+            for group, (olds, news) in zip(("params", "remainders", "states"),
+                                           zip(before, snapshot())):
+                for i, (old, new) in enumerate(zip(olds, news)):
+                    assert_same_bits(new, old, f"{backend}: {group}[{i}] changed on the inf step")
+    remainders = [opt.engine.remainder_view(p) for p in params]
+    masters = [p.detach().float() if r is None else master.combine(p.detach(), r, bits)
+               for p, r in zip(params, remainders)]
+    assert opt.stats().to_dict()["global"]["skipped_steps"] == (STEPS > INF_STEP)
+    return dict(masters=masters, params=[p.detach() for p in params], remainders=remainders,
+                states=states(), stats=opt.stats().to_dict()["tensors"], buffer=buffer)
+
+
+def assert_stats_close(a, b, rel=1e-4):
+    """Per-tensor statistics: the backends' fixed-order sums differ in order, not in values."""
+    assert a.keys() == b.keys()
+    for name in a:
+        for field, value in a[name].items():
+            assert value == pytest.approx(b[name][field], rel=rel, abs=1e-12), (name, field)
+
+
+@pytest.fixture
+def gpu_backends(cuda):
+    if not backends.available("triton"):
+        pytest.skip("triton is not installed")
+    return cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_32_bit_masters_equal_the_fp32_run_bit_for_bit(cuda, name, state_dtype):
+    """The master path runs the fp32 path's math on the combined master without rounding: the
+    masters of a bf16 run equal the params of an fp32 run fed the same (bf16) values, and so do
+    the states (bf16 ones with the same random bits: the same state indices)."""
+    fp32 = run(name, torch.float32, "cuda", state_dtype=state_dtype)
+    ours = run(name, BF16, "cuda", bits=32, state_dtype=state_dtype)
+    for i, (a, b) in enumerate(zip(ours["masters"], fp32["params"])):
+        assert_same_bits(a, b, f"master {i}")
+        assert_same_bits(ours["params"][i], master.split(b, 32)[0], f"param {i}")
+    for i, (a, b) in enumerate(zip(ours["states"], fp32["states"])):
+        assert_same_bits(a, b, f"state {i}")
+    assert_stats_close(ours["stats"], fp32["stats"], rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("bits", [32, 24])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_cuda_matches_triton_bit_for_bit_and_the_reference(gpu_backends, monkeypatch, name,
+                                                           bits, state_dtype):
+    # Triton contracts a * b + c into fused multiply-adds by default; the CUDA kernels round
+    # every product (-fmad=false). Without contraction both do the contract's fp32 operations
+    # in the same order, and the tier's integer parts are the same by specification.
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    results = {backend: run(name, BF16, backend, bits=bits, state_dtype=state_dtype)
+               for backend in ("cuda", "triton", "reference")}
+    ours, triton, reference = results["cuda"], results["triton"], results["reference"]
+    for key in ("params", "remainders", "states"):
+        for i, (a, b) in enumerate(zip(ours[key], triton[key])):
+            assert_same_bits(a, b, f"{key}[{i}] against Triton")
+    assert_same_bits(ours["buffer"], triton["buffer"], "the views' buffer against Triton")
+    assert_stats_close(ours["stats"], triton["stats"])
+    # The reference forms its scalars in Python doubles (1 - beta2 differs from the kernels'
+    # fp32 beta2 by 1e-5 relative) and lets torch fuse: close, not equal. Lion's sign(c) may
+    # flip where c is within rounding of 0; a bf16 state may round the other way where the two
+    # fp32 values straddle a rounding boundary (then one bf16 ulp apart, and the masters
+    # follow).
+    tolerance = dict(atol=1e-5, rtol=1e-4) if state_dtype == "fp32" else dict(atol=4e-5, rtol=4e-4)
+    for i, (a, b) in enumerate(zip(ours["masters"], reference["masters"])):
+        if name == "Lion":
+            far = (a - b).abs() > 1e-5 + 1e-4 * b.abs()
+            assert far.float().mean() < 0.01, f"master {i}"
+        else:
+            torch.testing.assert_close(a, b, **tolerance, msg=f"master {i}")
+        assert_same_bits(ours["params"][i], master.split(a, bits)[0], f"param {i}")
+    for i, (a, b) in enumerate(zip(ours["states"], reference["states"])):
+        if state_dtype == "bf16":
+            assert (a == b).float().mean() > 0.99, f"state {i}"
+            near = (a.float() - b.float()).abs() <= 2 ** -6 * b.float().abs() + 1e-6
+            assert near.float().mean() > 0.999, f"state {i}"
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"state {i}")
+    assert_stats_close(ours["stats"], reference["stats"])
