@@ -35,6 +35,11 @@ def quantized(value, code, random=None):
     return int8.decode(codes, scales.long()[group], code), codes, scales
 
 
+def beyond_rounding(a, b, rtol):
+    """The fraction of elements of a and b further apart than rtol (of b) and 1e-6."""
+    return ((a - b).abs() > 1e-6 + rtol * b.abs()).float().mean()
+
+
 def stored(value, code):
     return value.abs().sqrt() if code == "sqrt" else value
 
@@ -167,8 +172,10 @@ def test_kernels_match_the_reference(kernel_backend, device):
                         {n: opt.state[p][n].cpu() for n in ("exp_avg", "exp_avg_sq")},
                         opt.stats().to_dict()["tensors"]["param0"]))
     (ref_master, ref_values, ref_codes, ref_stats), (master_k, values_k, codes_k, stats_k) = results
-    # A code one step apart moves an update (at most lr = 1e-3) by up to 1/16 of it.
-    assert (master_k != ref_master).float().mean() < 0.01
+    # A code one step apart moves an update (at most lr = 1e-3) by up to 1/16 of it; apart from
+    # those elements the masters agree to rounding (the kernels' fused multiply-adds and fp32
+    # betas) and the 24-bit masters' rounding step.
+    assert beyond_rounding(master_k, ref_master, 2.0 ** -15) < 0.01
     torch.testing.assert_close(master_k, ref_master, rtol=0, atol=4 * 1e-3 / 16)
     for name in ("exp_avg", "exp_avg_sq"):
         # The same random bits: the codes agree except where the fp32 values, which differ by
@@ -193,8 +200,9 @@ def test_sgd_and_lion_take_int8_state_on_the_kernels_as_in_the_reference(kernel_
                         opt.state[p][name].cpu()))
     (ref_master, ref_codes), (master_k, codes_k) = results
     # Where a code is one step apart, SGD's update moves by 1/16 of lr * m; Lion's sign(c) may
-    # flip for a c near 0 (2 * lr). Measured: 1.7% (SGD) and 0.02% (Lion) of the elements.
-    assert (master_k != ref_master).float().mean() < 0.05
+    # flip for a c near 0 (2 * lr). Measured beyond rounding (interpreted Triton): 1.7% (SGD)
+    # and 0.02% (Lion) of the elements.
+    assert beyond_rounding(master_k, ref_master, TOLERANCE[torch.float32]["rtol"]) < 0.05
     torch.testing.assert_close(master_k, ref_master, rtol=0, atol=3 * 2 * kwargs["lr"])
     assert (codes_k == ref_codes).float().mean() > 0.98
 

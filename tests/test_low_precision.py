@@ -121,15 +121,17 @@ def test_24_bit_masters_stay_close_to_the_fp32_trajectory():
 
 @pytest.mark.parametrize("bits", [32, 24])
 def test_kernels_match_the_reference(kernel_backend, device, bits):
-    if kernel_backend == "cuda":
-        pytest.skip("master weights are in the reference and Triton backends")
     results = {}
     for backend in ("reference", kernel_backend):
         p, opt = run(BF16, bits, backend, steps=3, numel=9000, device=device, stats=True)
         results[backend] = (master.combine(p.detach(), opt.engine.remainder_view(p), bits),
                             p.detach().clone(), opt.stats().to_dict()["tensors"]["param0"])
     (ref_master, ref_param, ref_stats), (master_k, param_k, stats_k) = results.values()
-    torch.testing.assert_close(master_k, ref_master, **TOLERANCE[torch.float32])
+    # An fp32 update one rounding apart (the kernels' fused multiply-adds and fp32 betas) can
+    # round to neighbouring 24-bit masters: one step of a 16-bit significand (on the H200,
+    # 17 of 9000 elements).
+    tolerance = TOLERANCE[torch.float32] if bits == 32 else {"rtol": 2.0 ** -15, "atol": 1e-6}
+    torch.testing.assert_close(master_k, ref_master, **tolerance)
     # Each side's param is its own master split: the param follows the master, not torch's cast.
     assert torch.equal(param_k, master.split(master_k, bits)[0])
     assert torch.equal(ref_param, master.split(ref_master, bits)[0])
@@ -137,7 +139,7 @@ def test_kernels_match_the_reference(kernel_backend, device, bits):
         assert stats_k[field] == pytest.approx(ref_stats[field], rel=1e-5), field
 
 
-@pytest.mark.parametrize("backend", ["reference"] + [b for b in kernel_backends() if b != "cuda"])
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
 def test_an_inf_leaves_params_remainders_and_state_bit_identical(backend, device):
     p, opt = run(BF16, 32, backend, steps=3, numel=5000, device=device)
     before = {k: v.clone() for k, v in opt.state[p].items()}
@@ -226,16 +228,12 @@ def test_bad_settings_are_named():
     p = torch.nn.Parameter(torch.ones(3, dtype=BF16))
     with pytest.raises(ValueError, match="master_weight_bits must be None, 24 or 32, got 16"):
         fusedopt.AdamW([p], master_weight_bits=16)
-    with pytest.raises(ValueError, match="master_weight_bits: backend='cuda' does not implement"):
-        fusedopt.AdamW([p], backend="cuda", master_weight_bits=32)
     half = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
     with pytest.raises(ValueError, match="params: param1 is float16"):
         fusedopt.AdamW([p, half], master_weight_bits=32)
     with pytest.raises(ValueError, match=r"state_dtype must be one of \('fp32', 'bf16', 'int8'\), "
                                          "got 'int4'"):
         fusedopt.AdamW([p], state_dtype="int4")
-    with pytest.raises(ValueError, match="state_dtype='bf16': backend='cuda' does not implement"):
-        fusedopt.AdamW([p], backend="cuda", state_dtype="bf16")
     double = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="params: param0 is float64; state_dtype='bf16'"):
         fusedopt.AdamW([double], state_dtype="bf16")
@@ -280,8 +278,6 @@ def test_bf16_state_tracks_the_fp32_moments():
 
 
 def test_kernels_match_the_reference_with_bf16_state(kernel_backend, device):
-    if kernel_backend == "cuda":
-        pytest.skip("bf16 state is in the reference and Triton backends")
     results = []
     for backend in ("reference", kernel_backend):
         p, opt = run(BF16, 32, backend, steps=3, numel=9000, device=device, state_dtype="bf16")
@@ -300,8 +296,7 @@ def test_kernels_match_the_reference_with_bf16_state(kernel_backend, device):
 
 
 def test_an_inf_leaves_bf16_state_bit_identical(kernel_backend, device):
-    backend = "reference" if kernel_backend == "cuda" else kernel_backend
-    p, opt = run(torch.float32, None, backend, steps=2, numel=5000, device=device,
+    p, opt = run(torch.float32, None, kernel_backend, steps=2, numel=5000, device=device,
                  state_dtype="bf16")
     before = {k: v.clone() for k, v in opt.state[p].items()}
     p.grad = torch.full_like(p, float("nan"))
@@ -371,8 +366,6 @@ def test_to_bf16_on_a_transformers_llama_trains_with_32_bit_masters():
                                          (fusedopt.Lion, {"lr": 1e-4})], ids=["SGD", "Lion"])
 def test_sgd_and_lion_take_the_tier_on_the_kernels_as_in_the_reference(kernel_backend, device,
                                                                        cls, kwargs):
-    if kernel_backend == "cuda":
-        pytest.skip("the tier is in the reference and Triton backends")
     gen = torch.Generator().manual_seed(3)
     start = torch.randn(5000, generator=gen).to(BF16)
     grads = [torch.randn(5000, generator=gen).to(BF16) for _ in range(3)]
