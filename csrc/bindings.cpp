@@ -163,17 +163,21 @@ const fusedopt::AlgorithmSchema& algorithm_of(const char* function, const std::s
   fail(function, "algorithm must be one of " + known + ", got '" + name + "'");
 }
 
-// The state buffers' dtype: float32, or bfloat16 (the low-precision tier's bf16 state).
-Dtype state_dtype_of(const char* function, int code) {
-  if (code != int(Dtype::kFloat32) && code != int(Dtype::kBFloat16))
-    fail(function, "state_dtype must be 0 (float32) or 1 (bfloat16), got " + std::to_string(code));
-  return Dtype(code);
+// The state buffers' dtype: float32, bfloat16 (the low-precision tier's bf16 state) or uint8 (the
+// codes of 8-bit state).
+fusedopt::StateDtype state_dtype_of(const char* function, int code) {
+  using fusedopt::StateDtype;
+  if (code != int(StateDtype::kFloat32) && code != int(StateDtype::kBFloat16) && code != int(StateDtype::kUInt8))
+    fail(function, "state_dtype must be 0 (float32), 1 (bfloat16) or 3 (uint8: 8-bit state), got " +
+                       std::to_string(code));
+  return StateDtype(code);
 }
 
 void update(const std::string& algorithm, int dtype, uintptr_t block_tensor, int64_t num_blocks,
             uintptr_t tensor_table, int64_t num_tensors, uintptr_t state1, uintptr_t state2, int state_dtype,
             uintptr_t tensor_step, uintptr_t hyper, uintptr_t globals, uintptr_t stats_partials,
-            int64_t stats_stride, uintptr_t remainder, int master_bits, int device, uintptr_t stream) {
+            int64_t stats_stride, uintptr_t remainder, int master_bits, uintptr_t scale1, uintptr_t scale2,
+            int device, uintptr_t stream) {
   const char* f = "update";
   const fusedopt::AlgorithmSchema& alg = algorithm_of(f, algorithm);
   const Dtype dt = dtype_of(f, dtype);
@@ -191,6 +195,14 @@ void update(const std::string& algorithm, int dtype, uintptr_t block_tensor, int
   if (alg.states < 2 && a.state2 != nullptr)
     fail(f, "state2 must be null (0) for " + alg.name + " (one state buffer)");
   a.state_dtype = state_dtype_of(f, state_dtype);
+  // 8-bit state: each state's group scale bytes beside its codes, and none for other storage.
+  const bool int8 = a.state_dtype == fusedopt::StateDtype::kUInt8;
+  a.scale1 = pointer<uint8_t>(f, "scale1", scale1, /*nullable=*/empty || !int8);
+  a.scale2 = pointer<uint8_t>(f, "scale2", scale2, /*nullable=*/empty || !int8 || alg.states < 2);
+  if (!int8 && (a.scale1 != nullptr || a.scale2 != nullptr))
+    fail(f, "scale1 and scale2 must be null (0) unless state_dtype is 3 (uint8: 8-bit state)");
+  if (alg.states < 2 && a.scale2 != nullptr)
+    fail(f, "scale2 must be null (0) for " + alg.name + " (one state buffer)");
   // Master weights: bf16 params only, with their remainder (int16 for 32 bits, uint8 for 24).
   if (master_bits != 0 && master_bits != 24 && master_bits != 32)
     fail(f, "master_bits must be 0, 24 or 32, got " + std::to_string(master_bits));
@@ -212,7 +224,8 @@ void update(const std::string& algorithm, int dtype, uintptr_t block_tensor, int
 }
 
 // The schema numbers (layout.h and the algorithm structs) under the names of
-// python/fusedopt/engine/layout.py, for tests/test_schema.py.
+// python/fusedopt/engine/layout.py and int8.py (under "int8"; each algorithm's 8-bit formats as
+// "state_codes", its STATE_CODES), for tests/test_schema.py.
 py::dict schema() {
   namespace fo = fusedopt;
   const auto ops_list = [](const std::vector<fo::Reduce>& ops) {
@@ -253,6 +266,9 @@ py::dict schema() {
     entry["states"] = alg.states;
     entry["stats"] = int(alg.stat_ops.size());
     entry["stat_ops"] = ops_list(alg.stat_ops);
+    py::list codes;
+    for (const fo::StateCode code : alg.state_codes) codes.append(fo::state_code_name(code));
+    entry["state_codes"] = codes;
     algorithms[py::str(alg.name)] = entry;
   }
   py::dict out;
@@ -269,6 +285,15 @@ py::dict schema() {
   out["algorithms"] = algorithms;
   out["max_stat_columns"] = fo::kMaxColumns;
   out["max_states"] = fo::kMaxStates;
+  py::dict mantissa_bits;
+  for (const fo::StateCode code : {fo::StateCode::kSigned, fo::StateCode::kSqrt})
+    mantissa_bits[fo::state_code_name(code)] = fo::int8_mantissa_bits(code);
+  py::dict int8;
+  int8["group"] = fo::kInt8Group;
+  int8["exponent_bits"] = fo::kInt8ExponentBits;
+  int8["mantissa_bits"] = mantissa_bits;
+  int8["min_scale"] = fo::kInt8MinScale;
+  out["int8"] = int8;
   return out;
 }
 
@@ -296,11 +321,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("growth_tracker"), py::arg("found_inf_in"), py::arg("max_grad_norm"), py::arg("growth_factor"),
         py::arg("backoff_factor"), py::arg("growth_interval"), py::arg("update_scale"), py::arg("device"),
         py::arg("stream"));
-  m.def("update", &update, "Launch 4: one algorithm's step over a segment (fp32 or bf16 state, master weights for bf16 "
-        "params), with optional statistics partials.",
+  m.def("update", &update, "Launch 4: one algorithm's step over a segment (fp32, bf16 or 8-bit state, master weights "
+        "for bf16 params), with optional statistics partials.",
         py::arg("algorithm"), py::arg("dtype"), py::arg("block_tensor"), py::arg("num_blocks"),
         py::arg("tensor_table"), py::arg("num_tensors"), py::arg("state1"), py::arg("state2"),
         py::arg("state_dtype"), py::arg("tensor_step"), py::arg("hyper"), py::arg("globals"),
         py::arg("stats_partials"), py::arg("stats_stride"), py::arg("remainder"), py::arg("master_bits"),
-        py::arg("device"), py::arg("stream"));
+        py::arg("scale1"), py::arg("scale2"), py::arg("device"), py::arg("stream"));
 }

@@ -1,7 +1,8 @@
 // Device helpers shared by the four kernels: storage-dtype conversion, the per-thread element
 // mapping of a BLOCK (vectorized or masked), tensor-table access, fixed-order block reductions and
 // launch checks; and the low-precision tier's integer encodings (master weights of bf16 params,
-// bf16 state rounded stochastically), which the update kernel stores with.
+// bf16 state rounded stochastically, 8-bit state's codes and group scales), which the update
+// kernel loads and stores with.
 //
 // Determinism: every reduction here has a fixed shape. A thread folds its own elements in slot
 // order, a warp combines lanes with a xor-shuffle butterfly, and warp 0 combines the per-warp
@@ -86,15 +87,25 @@ __device__ __forceinline__ float round_to_storage(float x) {
 // A thread's kPerThread elements of one array as the full path's raw vectors (its loads before
 // conversion), in slot order, a group of Slots<W>'s W consecutive elements at a time: 16-byte
 // vectors where a group fills them (a thread's fp32 slots take 4, its bf16/fp16 or int16 slots
-// 2), else one 8-byte vector a group (the uint8 remainder at W = 8: 2).
+// 2), else one 8-byte vector a group (the uint8 remainder and 8-bit state's codes at W = 8: 2),
+// or one 4-byte word (8-bit state's codes at W = 4: 4).
 template <typename S, int W>
 struct RawSlots {
   static constexpr int kGroupBytes = W * int(sizeof(S));
-  using Vector = std::conditional_t<kGroupBytes >= 16, uint4, uint2>;
+  using Vector = std::conditional_t<kGroupBytes >= 16, uint4, std::conditional_t<kGroupBytes >= 8, uint2, uint32_t>>;
   static_assert(kGroupBytes % int(sizeof(Vector)) == 0, "a group of W elements fills whole vectors");
   static constexpr int kPerGroup = kGroupBytes / int(sizeof(Vector));  // vectors per group
   Vector v[kPerThread / W * kPerGroup];
 };
+
+// The largest v over each aligned run of LANES lanes of the warp, in every lane of the run: a
+// xor-shuffle butterfly. Every lane of the warp must call it.
+template <int LANES>
+__device__ __forceinline__ uint32_t lanes_max(uint32_t v) {
+#pragma unroll
+  for (int offset = LANES / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
 
 // Element mapping of one BLOCK onto a thread's kPerThread slots. Every array is addressed from a
 // base pointer at the block's first element: params and grads at the tensor's element
@@ -108,15 +119,27 @@ struct RawSlots {
 //   warp covers 512 contiguous bytes of it per load; fp32 arrays at W = 8 take two. The uint8
 //   remainder (24-bit masters, W = 8) moves in 8-byte vectors: a warp still covers 256
 //   contiguous bytes per load, while W = 16 for its sake would give the fp32 states 64 bytes a
-//   lane (12% slower, update.cu's measures).
+//   lane (12% slower, update.cu's measures). 8-bit state's codes move at the param's W for the
+//   same reason: 4 or 8 bytes a lane (a warp covers 128 or 256 contiguous bytes per load) rather
+//   than W = 16, which would give fp32 params and grads 64 bytes a lane.
 // Tail path (the tensor ends inside the block, or a pointer is unaligned):
 //   slot i <-> element i * kThreads + tid, scalar loads masked by the element count.
+// 8-bit state's groups of kInt8Group consecutive elements (one scale byte each) lie within one
+// warp on both paths: the block's first element starts a group (STATE_START and BLOCK are
+// multiples of kInt8Group), so on the full path a lane's W consecutive elements of a slot group
+// lie in one group, shared by kInt8Group / W consecutive lanes (those with the same
+// tid / (kInt8Group / W): 4 lanes at W = 8, 8 at W = 4), and on the tail path slot i of a warp's
+// 32 lanes holds 32 consecutive elements, one whole group. A group's maximum is then a
+// xor-shuffle butterfly over those lanes (group_max): no shared memory, and the same comparisons
+// in every run.
 // Which path a block takes depends only on the layout and the addresses of its one tensor and of
 // the state buffers (torch's caching allocator hands out 512-byte aligned blocks), so the
 // summation order is fixed.
 template <int W>
 struct Slots {
   static_assert(kPerThread % W == 0, "vector width must divide the elements per thread");
+  static_assert(kInt8Group % W == 0 && kInt8Group == 32,
+                "a lane's W elements lie in one group; a tail slot's group is one warp's 32 lanes");
   int count;  // elements of the block inside the tensor: min(NUMEL - first element, kBlock)
   bool full;
 
@@ -247,6 +270,100 @@ struct Slots {
   __device__ __forceinline__ void store(S* __restrict__ base, const float (&in)[kPerThread]) const {
     store(base, in, [](float x, int) { return Storage<S>::from_float(x); });
   }
+
+  // Stores one array's slots as the bits given (8-bit state's codes), in store's vectors and
+  // masks.
+  template <typename S>
+  __device__ __forceinline__ void store_bits(S* __restrict__ base, const BitsOf<S> (&in)[kPerThread]) const {
+    if (full) {
+      using Vector = typename RawSlots<S, W>::Vector;
+      constexpr int kStores = RawSlots<S, W>::kPerGroup;
+#pragma unroll
+      for (int k = 0; k < kPerThread / W; ++k) {
+        const int first = (k * kThreads + int(threadIdx.x)) * W;
+        Vector raw[kStores];
+        memcpy(raw, &in[k * W], sizeof(raw));
+#pragma unroll
+        for (int l = 0; l < kStores; ++l) reinterpret_cast<Vector*>(base + first)[l] = raw[l];
+      }
+    } else {
+      BitsOf<S>* dst = reinterpret_cast<BitsOf<S>*>(base);
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const int e = i * kThreads + int(threadIdx.x);
+        if (e < count) dst[e] = in[i];
+      }
+    }
+  }
+
+  // The block element of slot `slot`.
+  __device__ __forceinline__ int element(int slot) const {
+    return full ? (slot / W * kThreads + int(threadIdx.x)) * W + slot % W : slot * kThreads + int(threadIdx.x);
+  }
+
+  // 8-bit state: the group scale bytes a lane loads from `scales` (at the block's first group),
+  // before group_byte hands each slot its own. Full path: one per slot group, the group of its W
+  // elements (the lanes sharing it read the same byte). Tail path: lane l < kPerThread reads the
+  // byte of slot l's group, which is the whole warp's (0 for a group past the tensor's end), so a
+  // lane holds one byte until decoding instead of kPerThread.
+  __device__ __forceinline__ void load_group_bytes(const uint8_t* __restrict__ scales,
+                                                   uint32_t (&bytes)[kPerThread / W]) const {
+    if (full) {
+#pragma unroll
+      for (int k = 0; k < kPerThread / W; ++k) bytes[k] = scales[(k * kThreads + int(threadIdx.x)) * W / kInt8Group];
+    } else {
+      const int lane = int(threadIdx.x) % 32;
+      const int first = lane * kThreads + int(threadIdx.x) - lane;  // slot `lane`'s element in lane 0
+      bytes[0] = lane < kPerThread && first < count ? uint32_t(scales[first / kInt8Group]) : 0u;
+    }
+  }
+
+  // The scale byte of slot `slot`'s group, from load_group_bytes' bytes: on the tail path a
+  // shuffle from lane `slot` (every lane of the warp must call it).
+  __device__ __forceinline__ uint32_t group_byte(const uint32_t (&bytes)[kPerThread / W], int slot) const {
+    return full ? bytes[slot / W] : __shfl_sync(0xffffffffu, bytes[0], slot);
+  }
+
+  // bits[slot] becomes the largest bits over the slot's group, in every lane holding part of
+  // it; masked slots must hold 0 (a group partly past the tensor's end takes the maximum of its
+  // elements). Every thread of the block must call it (shuffles over the whole warp).
+  __device__ __forceinline__ void group_max(uint32_t (&bits)[kPerThread]) const {
+    if (full) {
+#pragma unroll
+      for (int k = 0; k < kPerThread / W; ++k) {
+        uint32_t largest = bits[k * W];
+#pragma unroll
+        for (int j = 1; j < W; ++j) largest = max(largest, bits[k * W + j]);
+        largest = lanes_max<kInt8Group / W>(largest);
+#pragma unroll
+        for (int j = 0; j < W; ++j) bits[k * W + j] = largest;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) bits[i] = lanes_max<32>(bits[i]);
+    }
+  }
+
+  // Stores each group's scale byte (any of its slots' scale[slot]) from the group's first lane:
+  // every group on the full path; on the tail path each group with an element in the tensor (a
+  // group partly past its end is the tensor's own: its state spans STATE_ALIGN multiples), and
+  // none past the end, which may belong to the next tensor.
+  __device__ __forceinline__ void store_groups(uint8_t* __restrict__ scales,
+                                               const uint32_t (&scale)[kPerThread]) const {
+    if (full) {
+#pragma unroll
+      for (int k = 0; k < kPerThread / W; ++k) {
+        const int first = (k * kThreads + int(threadIdx.x)) * W;
+        if (first % kInt8Group == 0) scales[first / kInt8Group] = uint8_t(scale[k * W]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const int e = i * kThreads + int(threadIdx.x);
+        if (e % kInt8Group == 0 && e < count) scales[e / kInt8Group] = uint8_t(scale[i]);
+      }
+    }
+  }
 };
 
 // Master weights for bf16 params (fusedopt/engine/master.py, the specification; the Triton kernel's
@@ -292,31 +409,112 @@ struct Master {
   }
 };
 
-// fp32 -> bf16 rounded stochastically (fusedopt/engine/stochastic.py, the specification; the
-// Triton kernel's _random16 / _stochastic_bf16): 16 random bits are added to the fp32 bits and
-// the low half dropped, an integer operation (no __float2bfloat16 rounding), so the value rounds
-// up with probability equal to the dropped fraction. The bits are the lowbias32 hash of (step,
-// element index in the segment's state buffer, stream: 1 for state1, 2 for state2), uint32
-// arithmetic wrapping mod 2^32, so every backend and every run (and a CUDA graph replay, the step
-// being read on the device) gets the same ones.
-class StochasticBf16 {
+// The random bits of stochastically rounded state (fusedopt/engine/stochastic.py, hash32, the
+// specification; the Triton kernel's _hash32): the lowbias32 hash of (step, element index in the
+// segment's state buffer, stream: 1 for state1, 2 for state2), uint32 arithmetic wrapping mod
+// 2^32, so every backend and every run (and a CUDA graph replay, the step being read on the
+// device) gets the same ones.
+class StateRandom {
  public:
   // step: the tensor's step count after this step (tensor_step, truncated to an integer).
-  __device__ __forceinline__ StochasticBf16(uint32_t step, uint32_t stream)
+  __device__ __forceinline__ StateRandom(uint32_t step, uint32_t stream)
       : key_(step * 0x85EBCA77u + stream * 0xC2B2AE3Du) {}
 
-  __device__ __forceinline__ uint16_t operator()(float x, uint32_t index) const {
+  __device__ __forceinline__ uint32_t operator()(uint32_t index) const {
     uint32_t h = (index * 0x9E3779B1u) ^ key_;
     h ^= h >> 16;
     h *= 0x7FEB352Du;
     h ^= h >> 15;
     h *= 0x846CA68Bu;
     h ^= h >> 16;
-    return uint16_t((__float_as_uint(x) + (h & 0xFFFFu)) >> 16);
+    return h;
   }
 
  private:
   uint32_t key_;  // the step's and stream's part of the hash, the same for the whole block
+};
+
+// fp32 -> bf16 rounded stochastically (fusedopt/engine/stochastic.py, to_bf16; the Triton
+// kernel's _stochastic_bf16): 16 random bits are added to the fp32 bits and the low half dropped,
+// an integer operation (no __float2bfloat16 rounding), so the value rounds up with probability
+// equal to the dropped fraction.
+class StochasticBf16 {
+ public:
+  __device__ __forceinline__ StochasticBf16(uint32_t step, uint32_t stream) : random_(step, stream) {}
+
+  __device__ __forceinline__ uint16_t operator()(float x, uint32_t index) const {
+    return uint16_t((__float_as_uint(x) + (random_(index) & 0xFFFFu)) >> 16);
+  }
+
+ private:
+  StateRandom random_;
+};
+
+// 8-bit state's codes in format CODE (fusedopt/engine/int8.py, the specification; the Triton
+// kernel's _decode8 / _encode8), integer operations on the fp32 bits and exact multiplies by
+// powers of two, so that every backend stores the same bytes for the same fp32 values. A code is
+// a tiny float relative to 2^(scale - 127): exponent field e (3 bits, 7 the octave of the scale),
+// M mantissa bits f, below e = 1 a linear range down to 0; kSigned adds a sign bit (0x80), kSqrt
+// codes u = sqrt(v). Unsigned arithmetic gives the specification's int64 values wherever they
+// are kept (magnitude + random < 2^32: no wrap).
+template <StateCode CODE>
+struct Int8Code {
+  static constexpr bool kSqrt = CODE == StateCode::kSqrt;
+  static constexpr int kMantissa = int8_mantissa_bits(CODE);
+  static constexpr int kDropped = 23 - kMantissa;  // fp32 mantissa bits below the kept ones
+  static constexpr int kTop = (1 << kInt8ExponentBits) - 1;  // e of the scale's own octave
+  static constexpr uint32_t kRandomMask = (1u << kDropped) - 1;  // the random bits a rounding takes
+
+  // The quantity the format codes: sqrt(v) correctly rounded (IEEE, as the Triton kernel's
+  // sqrt_rn), or the value.
+  static __device__ __forceinline__ float coded(float value) { return kSqrt ? __fsqrt_rn(value) : value; }
+
+  // |x|'s fp32 bits: a group's scale comes from the largest of its coded values'.
+  static __device__ __forceinline__ uint32_t magnitude(float x) { return __float_as_uint(x) & 0x7FFFFFFFu; }
+
+  // The scale byte of a group whose largest magnitude has bits `largest`: its exponent field
+  // rounded up at the kept precision, so the largest element can round up into the next octave;
+  // 0 (stored as zeros) below kInt8MinScale.
+  static __device__ __forceinline__ uint32_t scale_of(uint32_t largest) {
+    const uint32_t scale = (largest + kRandomMask) >> 23;
+    return scale >= uint32_t(kInt8MinScale) ? scale : 0u;
+  }
+
+  // The fp32 value of a code in a group of scale byte `scale`: the significand (f, plus the
+  // implicit 2^M for e >= 1) times its unit, a power of two built from its exponent field (0,
+  // the float 0, for a group stored as zeros), both exact.
+  static __device__ __forceinline__ float decode(uint32_t code, uint32_t scale) {
+    const int magnitude = kSqrt ? int(code) : int(code & 0x7Fu);
+    const int e = magnitude >> kMantissa;
+    const int f = magnitude & ((1 << kMantissa) - 1);
+    const int significand = e >= 1 ? f + (1 << kMantissa) : f;
+    const int unit_field = max(max(e, 1) - kTop - kMantissa + int(scale), 0);
+    const float value = float(significand) * __int_as_float(unit_field << 23);
+    if (kSqrt) return value * value;
+    return (code & 0x80u) != 0 ? -value : value;
+  }
+
+  // The code of coded value x (coded()) in a group of scale byte `scale`, rounded with `random`
+  // (kDropped random bits added below the kept ones before they are dropped). In the top kTop
+  // octaves the code is x's own exponent and mantissa bits shifted down; below, the significand
+  // shifted to the linear range's unit. A nonzero sqrt(v) takes at least the smallest code.
+  static __device__ __forceinline__ uint8_t encode(float x, uint32_t scale, uint32_t random) {
+    const uint32_t bits = __float_as_uint(x);
+    const uint32_t magnitude = bits & 0x7FFFFFFFu;
+    const int exponent = int(magnitude >> 23);
+    const int s = int(scale);
+    const bool normal = exponent >= 1 && exponent - s + kTop >= 1;
+    // Wraps (unsigned) only where it is not taken: a normal x has exponent >= s - 6.
+    const uint32_t in_normal = ((magnitude + random) >> kDropped) - (uint32_t(s - kTop) << kMantissa);
+    const uint32_t significand = (magnitude & 0x7FFFFFu) | (exponent > 0 ? 0x800000u : 0u);
+    const int shift = min(max(s - kTop + 1 - max(exponent, 1), 0), 31);
+    const uint32_t in_linear = ((significand >> shift) + random) >> kDropped;
+    uint32_t code = normal ? in_normal : in_linear;
+    if (kSqrt) code = magnitude > 0 ? max(code, 1u) : 0u;
+    if (s == 0) code = 0;
+    if (!kSqrt && code > 0 && (bits >> 31) != 0) code |= 0x80u;
+    return uint8_t(code);
+  }
 };
 
 // Column `tensor` of the tensor table, int64 [kTableRows, num_tensors] (layout.h, TableRow).

@@ -18,9 +18,13 @@
 
 namespace fusedopt {
 
-// Storage dtype codes passed from Python (cuda_backend._DTYPE_CODES), for params and grads and
-// (float32 or bfloat16) for the update's state.
+// Storage dtype codes passed from Python (cuda_backend._DTYPE_CODES), for params and grads.
 enum class Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// The update's state storage codes (cuda_backend._STATE_DTYPE_CODES): fp32, bf16 (stored rounded
+// stochastically) or uint8, the codes of 8-bit state (python/fusedopt/engine/int8.py) beside
+// their group scale bytes. fp32 and bf16 keep their Dtype codes.
+enum class StateDtype : int { kFloat32 = 0, kBFloat16 = 1, kUInt8 = 3 };
 
 // 2-D float arrays ([rows, columns]) are passed as a pointer and a row stride in elements
 // (torch's stride(0); the column stride is 1), so row views of larger tables work as they are.
@@ -75,11 +79,17 @@ struct UpdateArgs {
   // Master weights of bf16 params (fusedopt/engine/master.py): the remainders, laid out like the
   // state; null with master_bits 0.
   void* remainder;
+  // 8-bit state (state_dtype kUInt8): the group scale bytes of state1 and state2, one per
+  // kInt8Group elements of the state buffer (element e's at e / kInt8Group); null otherwise, and
+  // scale2 for a one-state algorithm. After the fields the kernels had before them, so those keep
+  // their parameter offsets.
+  uint8_t* scale1;
+  uint8_t* scale2;
   // The two 4-byte fields last and side by side: with a padding hole after state_dtype in the
   // middle of this (kernel parameter) struct, nvcc stopped reading block_tensor and tensor_step
   // through the read-only path (ld.global.nc) in the STATS kernels.
   int master_bits;              // 0, 32 (int16 remainder) or 24 (uint8 remainder)
-  Dtype state_dtype;            // kFloat32, or kBFloat16 (stored rounded stochastically)
+  StateDtype state_dtype;       // kFloat32, kBFloat16 (stored rounded stochastically) or kUInt8
 };
 
 void launch_update(Algorithm algorithm, Dtype dtype, const UpdateArgs& args, cudaStream_t stream);
@@ -92,6 +102,7 @@ struct AlgorithmSchema {
   std::vector<HyperColumn> hyper;
   int states;
   std::vector<Reduce> stat_ops;
+  std::vector<StateCode> state_codes;  // each state's 8-bit format
 };
 
 // Every registered algorithm, in code order.

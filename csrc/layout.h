@@ -1,9 +1,10 @@
 // The schema of python/fusedopt/engine/layout.py, repeated for the compiler: block size, tensor-table
 // rows, hyperparameter columns, global slots, reduction ops and algorithm codes
-// (docs/kernel_contract.md). Each algorithm's own hyperparameter columns, state count and
-// statistics are in csrc/algorithms/<name>.cuh. fusedopt._C.schema() exports these numbers and
-// tests/test_schema.py compares them with layout.py name by name, so a number changed on one
-// side only fails a CPU test.
+// (docs/kernel_contract.md), and the 8-bit state's constants of python/fusedopt/engine/int8.py.
+// Each algorithm's own hyperparameter columns, state count, 8-bit formats and statistics are in
+// csrc/algorithms/<name>.cuh. fusedopt._C.schema() exports these numbers and tests/test_schema.py
+// compares them with layout.py and int8.py name by name, so a number changed on one side only
+// fails a CPU test.
 //
 // Host and device code include this header (bindings.cpp through launchers.h, every kernel through
 // common.cuh): constants and enums only, no device code.
@@ -18,6 +19,28 @@ constexpr int kBlock = 4096;
 // A tensor's state starts at a multiple of kStateAlign elements of its segment's state buffers:
 // 128 bytes of fp32, so 16-byte vector loads of the state stay aligned.
 constexpr int kStateAlign = 32;
+
+// 8-bit state (state_dtype="int8", python/fusedopt/engine/int8.py, the specification): one code
+// byte per element and one scale byte per group of kInt8Group consecutive elements of a state
+// buffer.
+// A code is a tiny float relative to its group's scale: kInt8ExponentBits of exponent field, the
+// format's mantissa bits (int8_mantissa_bits), a sign bit for kSigned; a group whose largest
+// magnitude has an exponent field below kInt8MinScale is stored as zeros.
+constexpr int kInt8Group = 32;
+constexpr int kInt8ExponentBits = 3;
+constexpr int kInt8MinScale = 32;
+static_assert(kStateAlign % kInt8Group == 0, "no group of 8-bit state spans two tensors");
+
+// The format of each of an algorithm's states in 8-bit storage (int8.MANTISSA_BITS's names; the
+// algorithm struct's kCodes, python/fusedopt/algorithms/<name>.py's STATE_CODES): kSigned for
+// first moments and momentum, kSqrt for Adam's second moment (coded on sqrt(v)).
+enum class StateCode : int { kSigned = 0, kSqrt = 1 };
+
+constexpr const char* state_code_name(StateCode code) { return code == StateCode::kSqrt ? "sqrt" : "signed"; }
+
+// Mantissa bits of a format: 4 beside the sign bit, 5 on sqrt(v) (v's rounding error adds up over
+// ~1000 steps at beta2 = 0.999, m's fades within ~10).
+constexpr int int8_mantissa_bits(StateCode code) { return code == StateCode::kSqrt ? 5 : 4; }
 
 // Rows of the per-device tensor table, int64 [kTableRows, T_dev] (column t = tensor t).
 enum TableRow : int {

@@ -18,21 +18,32 @@
 // - bf16 state: loaded and widened to fp32, stored rounded stochastically (StochasticBf16), the
 //   random bits a hash of the step count after this step, the element's index in the state buffer
 //   and the state (stream 1, 2).
+// - 8-bit state (fusedopt/engine/int8.py): uint8 codes at STATE_START[t] + e and one scale byte
+//   per group of 32 state elements in scale1 / scale2 at (STATE_START[t] + e) / 32, each state in
+//   its algorithm's format (A::kCodes). Loaded codes are decoded with their group's byte
+//   (Int8Code); stored values are quantized: each group's scale from the largest coded magnitude
+//   over its elements in the tensor (a xor-shuffle butterfly over the lanes that hold the group,
+//   Slots::group_max), the codes rounded stochastically with the bf16 state's hash bits.
 // The statistics see what the Triton kernel's see: the fp32 master (old and new) and the fp32
-// state before rounding; a skipped step's, the combined master and the widened state.
+// state before rounding; a skipped step's, the combined master and the widened or decoded state.
 //
 // Napkin math, bytes per element: the algorithm's (28 | 22 B for AdamW, 20 | 14 B for SGD with
 // momentum and Lion, fp32 | bf16/fp16 params with fp32 state; the low-precision modes in each
 // header), plus per block of 4096 elements 4 B of block_tensor, 40 B of table column, the group's
 // 32 B hyper row and 4 B of step (0.02 B/element). Statistics add no per-element traffic (4 B of
-// partials per column per block). The tier adds integer work per element: a few ops for the
-// master split, a 32-bit hash per bf16 state value.
+// partials per column per block). 8-bit state moves 1 B of code and 1/32 B of scale per element
+// and moment, each read and written: 2.06 B a moment against 8 in fp32. The tier adds integer
+// work per element: a few ops for the master split, a 32-bit hash per bf16 state value; per
+// 8-bit state value a decode (~8 integer ops), an encode (~20, and an IEEE sqrt for "sqrt"
+// formats), a hash, and per group a 2-3 step shuffle butterfly on the full path (5 on the tail
+// path).
 // Measured (H200, one 2^28-element tensor, AdamW without statistics, medians of 25 launches):
 // fp32 | bf16 params with fp32 state 2.04 | 1.77 ms, as before the tier (the same SASS); bf16
 // params with 32 | 24-bit masters 1.91 | 1.94 ms with fp32 state (3.6 | 3.3 TB/s of napkin
 // bytes), 1.74 | 1.70 ms with bf16 state, bf16 state alone 1.54 ms (2.4-2.8 TB/s); the Triton
 // kernel 2.21 | 2.32, 1.95 | 2.00 and 1.71 ms. The 24-bit remainder in 8-byte vectors at W = 8
-// (Slots): 1.94 ms against 2.21 ms with W = 16 and 16-byte remainder vectors.
+// (Slots): 1.94 ms against 2.21 ms with W = 16 and 16-byte remainder vectors. 8-bit state: not
+// measured yet.
 #include <type_traits>
 
 #include "algorithms/adamw.cuh"
@@ -54,17 +65,84 @@ bool with_algorithm(Algorithm code, F&& f) {
   return false;
 }
 
+// 8-bit state is stored as S = uint8_t, its codes, beside one scale byte per group (`scales`, the
+// block's first group's byte): each state's format CODE is its algorithm's (A::kCodes).
+template <typename S>
+constexpr bool kInt8State = std::is_same_v<S, uint8_t>;
+
+// 8-bit state's loads before decoding: its codes and its group scale bytes as loaded
+// (Slots::load_group_bytes).
+template <int W>
+struct Int8Raw {
+  uint8_t codes[kPerThread];
+  uint32_t bytes[kPerThread / W];
+};
+
+// A state's loads before conversion to fp32: its raw vectors (fp32, bf16), or Int8Raw.
+template <typename S, int W>
+using RawState = std::conditional_t<kInt8State<S>, Int8Raw<W>, RawSlots<S, W>>;
+
+// Issues a state's loads: its vectors on the full path, or 8-bit state's codes and scale bytes
+// on either path.
+template <typename S, int W>
+__device__ __forceinline__ void load_raw_state(const Slots<W>& slots, const S* __restrict__ base,
+                                               const uint8_t* __restrict__ scales, RawState<S, W>& raw) {
+  if constexpr (kInt8State<S>) {
+    slots.load_bits(base, raw.codes);
+    slots.load_group_bytes(scales, raw.bytes);
+  } else {
+    slots.load_raw(base, raw);
+  }
+}
+
+// A state's slots in fp32 from its loads: widened, or decoded in format CODE (masked slots, code
+// 0, decode to 0).
+template <StateCode CODE, typename S, int W>
+__device__ __forceinline__ void unpack_state(const Slots<W>& slots, const RawState<S, W>& raw,
+                                             float (&out)[kPerThread]) {
+  if constexpr (kInt8State<S>) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) out[i] = Int8Code<CODE>::decode(raw.codes[i], slots.group_byte(raw.bytes, i));
+  } else {
+    slots.unpack(raw, out);
+  }
+}
+
 // The state's storage S: fp32 as it is, bf16 rounded stochastically with the random bits of (step,
 // element index in the state buffer, stream), the Triton kernel's and the reference's, so that
-// all three store an fp32 value the same way. `index` is the state buffer's element under the
-// block's first one; only its low 32 bits enter the hash (stochastic.py wraps it mod 2^32).
-template <typename S, int W>
-__device__ __forceinline__ void store_state(const Slots<W>& slots, S* __restrict__ base, const float (&in)[kPerThread],
-                                            uint32_t step, uint32_t stream, uint32_t index) {
+// all three store an fp32 value the same way; 8-bit codes in format CODE rounded stochastically
+// with the same bits (int8.quantize): each group's scale from the largest coded magnitude of its
+// elements in the tensor (a shuffle butterfly over the lanes holding it, Slots::group_max), then
+// the codes and the scale bytes. `index` is the state buffer's element under the block's first
+// one; only its low 32 bits enter the hash (stochastic.py wraps it mod 2^32). Every thread of the
+// block must call it for 8-bit state.
+template <StateCode CODE, typename S, int W>
+__device__ __forceinline__ void store_state(const Slots<W>& slots, S* __restrict__ base, uint8_t* __restrict__ scales,
+                                            const float (&in)[kPerThread], uint32_t step, uint32_t stream,
+                                            uint32_t index) {
   if constexpr (std::is_same_v<S, float>) {
     slots.store(base, in);
+  } else if constexpr (kInt8State<S>) {
+    using Code = Int8Code<CODE>;
+    float x[kPerThread];
+    uint32_t scale[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      x[i] = Code::coded(in[i]);
+      scale[i] = slots.valid(i) ? Code::magnitude(x[i]) : 0u;
+    }
+    slots.group_max(scale);
+    const StateRandom random(step, stream);
+    uint8_t codes[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      scale[i] = Code::scale_of(scale[i]);
+      codes[i] = Code::encode(x[i], scale[i], random(index + uint32_t(slots.element(i))) & Code::kRandomMask);
+    }
+    slots.store_bits(base, codes);
+    slots.store_groups(scales, scale);
   } else {
-    static_assert(std::is_same_v<S, __nv_bfloat16>, "state is fp32 or bf16");
+    static_assert(std::is_same_v<S, __nv_bfloat16>, "state is fp32, bf16 or 8-bit codes");
     const StochasticBf16 round(step, stream);
     slots.store(base, in, [&](float x, int e) { return round(x, index + uint32_t(e)); });
   }
@@ -77,10 +155,16 @@ __device__ __forceinline__ void combine_masters(float (&p)[kPerThread], const R 
   for (int i = 0; i < kPerThread; ++i) p[i] = Master<MASTER_BITS>::combine(p[i], r[i]);
 }
 
-// T: the params' storage dtype; S: the states' (float, or __nv_bfloat16 rounded stochastically);
-// MASTER_BITS: 0, or 24 / 32 for bf16 params with master weights, whose update runs on the fp32
-// master (param + remainder) and is split back into both. With S = float and MASTER_BITS 0 an
-// instantiation compiles to the SASS of the kernel before the tier (sm_90, compared).
+// T: the params' storage dtype; S: the states' (float, __nv_bfloat16 rounded stochastically, or
+// uint8_t, the codes of 8-bit state beside their group scale bytes); MASTER_BITS: 0, or 24 / 32
+// for bf16 params with master weights, whose update runs on the fp32 master (param + remainder)
+// and is split back into both. With S = float and MASTER_BITS 0 an instantiation compiles to the
+// SASS of the kernel before the tier (sm_90, compared); the fp32 and bf16 state instantiations
+// kept their SASS when 8-bit state came (sm_80 and sm_90, compared) but for the parameter offset
+// of states_aligned, 16 bytes on (UpdateArgs gained scale1, scale2). ptxas spills 4 bytes in
+// three 8-bit instantiations (AdamW, bf16 params, 32-bit masters, STATS; Lion, fp32 params on
+// sm_90) to stay at 128 or 80 registers, 2 or 3 blocks per SM; without that target
+// (__launch_bounds__(kThreads, 1)) the AdamW one takes 153 registers, 1 block per SM.
 template <class A, typename T, typename S, int MASTER_BITS, bool STATS>
 __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bool states_aligned) {
   static_assert(A::kStates >= 1 && A::kStates <= kMaxStates, "update takes state1 and state2");
@@ -94,8 +178,13 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
   // The type the statistics see the new param in: the stored param, or with master weights the
   // fp32 update before the split (as the Triton kernel, which rounds to fp32 then).
   using Rounded = std::conditional_t<kMaster, float, T>;
-  // Slots of the param's or the state's 16-byte vector, whichever holds more elements (see Slots).
-  constexpr int kW = kVec<S> > kVec<T> ? kVec<S> : kVec<T>;
+  // Slots of the param's or the state's 16-byte vector, whichever holds more elements; 8-bit
+  // state's codes at the param's (see Slots).
+  constexpr bool kInt8 = kInt8State<S>;
+  constexpr int kW = kInt8 ? kVec<T> : (kVec<S> > kVec<T> ? kVec<S> : kVec<T>);
+  // Each state's 8-bit format (state2's only with two states).
+  constexpr StateCode kCode1 = A::kCodes[0];
+  constexpr StateCode kCode2 = A::kCodes[A::kStates - 1];
   __shared__ Coeffs shared_coeffs;
   const int64_t block = blockIdx.x;
   const int32_t tensor_index = a.block_tensor[block];
@@ -120,6 +209,10 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
     S* state1 = static_cast<S*>(a.state1) + state_element;
     S* state2 = kTwoStates ? static_cast<S*>(a.state2) + state_element : nullptr;
     R* remainder = kMaster ? static_cast<R*>(a.remainder) + state_element : nullptr;
+    // 8-bit state's scale bytes from the block's first group on (state_element is a multiple of
+    // kInt8Group: STATE_START is one of kStateAlign, the block's first element one of kBlock).
+    uint8_t* scale1 = kInt8 ? a.scale1 + state_element / kInt8Group : nullptr;
+    uint8_t* scale2 = kInt8 && kTwoStates ? a.scale2 + state_element / kInt8Group : nullptr;
     const Slots<kW> slots =
         Slots<kW>::of(tensor[kNumel] - first, states_aligned && is_aligned16(param) && is_aligned16(grad));
     float p[kPerThread], s1[kPerThread], s2[kPerThread];
@@ -138,18 +231,32 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
         // Slots::load_raw): one DRAM round trip per block, also for 2-byte storage types.
         RawSlots<T, kW> raw_p, raw_g;
         RawSlots<R, kW> raw_r;
-        RawSlots<S, kW> raw_s1, raw_s2;
+        RawState<S, kW> raw_s1, raw_s2;
         slots.load_raw(param, raw_p);
         if constexpr (kMaster) slots.load_raw(remainder, raw_r);
         slots.load_raw(grad, raw_g);
-        if (uses_state) slots.load_raw(state1, raw_s1);
-        if (kTwoStates && uses_state) slots.load_raw(state2, raw_s2);
+        if (uses_state) load_raw_state(slots, state1, scale1, raw_s1);
+        if (kTwoStates && uses_state) load_raw_state(slots, state2, scale2, raw_s2);
         c = block_coeffs();
         slots.unpack(raw_p, p);
         if constexpr (kMaster) slots.unpack_bits(raw_r, r);
         slots.unpack(raw_g, g);
-        if (uses_state) slots.unpack(raw_s1, s1);
-        if (kTwoStates && uses_state) slots.unpack(raw_s2, s2);
+        if (uses_state) unpack_state<kCode1, S>(slots, raw_s1, s1);
+        if (kTwoStates && uses_state) unpack_state<kCode2, S>(slots, raw_s2, s2);
+      } else if constexpr (kInt8) {
+        // 8-bit state's codes and scale bytes are loaded once the block's constants are there
+        // (a second round trip, on tail blocks only): loaded before, 16 code bytes a state were
+        // held beside the param's and grad's values across make_coeffs' calls (pow, fp64
+        // division), and the AdamW kernels spilled.
+        RawState<S, kW> raw_s1, raw_s2;
+        slots.load_tail(param, p);
+        if constexpr (kMaster) slots.load_tail_bits(remainder, r);
+        slots.load_tail(grad, g);
+        c = block_coeffs();
+        if (uses_state) load_raw_state(slots, state1, scale1, raw_s1);
+        if (kTwoStates && uses_state) load_raw_state(slots, state2, scale2, raw_s2);
+        if (uses_state) unpack_state<kCode1, S>(slots, raw_s1, s1);
+        if (kTwoStates && uses_state) unpack_state<kCode2, S>(slots, raw_s2, s2);
       } else {
         slots.load_tail(param, p);
         if constexpr (kMaster) slots.load_tail_bits(remainder, r);
@@ -171,9 +278,26 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
       if (uses_state) {
         // The step count after this step, as an integer (finalize has counted this step).
         const uint32_t step = uint32_t(int32_t(a.tensor_step[tensor_index]));
-        store_state(slots, state1, s1, step, 1, uint32_t(state_element));
-        if (kTwoStates) store_state(slots, state2, s2, step, 2, uint32_t(state_element));
+        store_state<kCode1>(slots, state1, scale1, s1, step, 1, uint32_t(state_element));
+        if (kTwoStates) store_state<kCode2>(slots, state2, scale2, s2, step, 2, uint32_t(state_element));
       }
+    } else if constexpr (STATS && kInt8) {
+      // A skipped step's statistics, 8-bit state decoded after the block's constants (decoded
+      // before, its values were held across make_coeffs' calls).
+      RawState<S, kW> raw_s1, raw_s2;
+      slots.load(param, p);
+      if constexpr (kMaster) {
+        slots.load_bits(remainder, r);
+        combine_masters<MASTER_BITS>(p, r);
+      }
+      if (uses_state) load_raw_state(slots, state1, scale1, raw_s1);
+      if (kTwoStates && uses_state) load_raw_state(slots, state2, scale2, raw_s2);
+      const Coeffs c = block_coeffs();
+      if (uses_state) unpack_state<kCode1, S>(slots, raw_s1, s1);
+      if (kTwoStates && uses_state) unpack_state<kCode2, S>(slots, raw_s2, s2);
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i)
+        if (slots.valid(i)) A::observe_element(c, p[i], s1[i], s2[i], stats);
     } else if constexpr (STATS) {
       slots.load(param, p);
       if constexpr (kMaster) {
@@ -232,18 +356,19 @@ void launch_params(Dtype dtype, const UpdateArgs& a, cudaStream_t stream) {
 template <class A>
 void launch_dtype(Dtype dtype, const UpdateArgs& a, cudaStream_t stream) {
   switch (a.state_dtype) {
-    case Dtype::kFloat32: return launch_params<A, float>(dtype, a, stream);
-    case Dtype::kBFloat16: return launch_params<A, __nv_bfloat16>(dtype, a, stream);
-    case Dtype::kFloat16: break;
+    case StateDtype::kFloat32: return launch_params<A, float>(dtype, a, stream);
+    case StateDtype::kBFloat16: return launch_params<A, __nv_bfloat16>(dtype, a, stream);
+    case StateDtype::kUInt8: return launch_params<A, uint8_t>(dtype, a, stream);
   }
-  throw std::invalid_argument("update: state dtype code must be 0 (float32) or 1 (bfloat16), got " +
+  throw std::invalid_argument("update: state dtype code must be 0 (float32), 1 (bfloat16) or 3 (uint8), got " +
                               std::to_string(int(a.state_dtype)));
 }
 
 template <class A>
 AlgorithmSchema schema_of(Algorithm code) {
-  AlgorithmSchema s{A::kName, code, {std::begin(A::kHyper), std::end(A::kHyper)}, A::kStates, {}};
+  AlgorithmSchema s{A::kName, code, {std::begin(A::kHyper), std::end(A::kHyper)}, A::kStates, {}, {}};
   for (int c = 0; c < A::kStats; ++c) s.stat_ops.push_back(A::stat_op(c));
+  s.state_codes.assign(std::begin(A::kCodes), std::end(A::kCodes));
   return s;
 }
 

@@ -306,8 +306,8 @@ def test_wrapper_passes_what_the_binding_expects(recorder):
     common = dict(block_tensor=lay.block_tensor.data_ptr(), num_blocks=nb,
                   tensor_table=lay.table.data_ptr(), num_tensors=2, state1=lay.state1.data_ptr(),
                   state_dtype=0, tensor_step=lay.step.data_ptr(), hyper=lay.hyper.data_ptr(),
-                  globals=lay.globals.data_ptr(), remainder=0, master_bits=0, device=0,
-                  stream=1234)
+                  globals=lay.globals.data_ptr(), remainder=0, master_bits=0, scale1=0,
+                  scale2=0, device=0, stream=1234)
     assert calls[3][1] == dict(common, algorithm="adamw", dtype=2, state2=lay.state2.data_ptr(),
                                stats_partials=partials.data_ptr(), stats_stride=nb + 2)
     assert calls[4][1] == dict(common, algorithm="lion", dtype=0, state2=0, stats_partials=0,
@@ -355,8 +355,8 @@ def test_compiled_module_checks_raw_arguments():
         c.finalize(**{**fin, "tensor_table": 0, "growth_interval": 10})
     up = dict(algorithm="adamw", dtype=0, block_tensor=16, num_blocks=1, tensor_table=16,
               num_tensors=1, state1=16, state2=16, state_dtype=0, tensor_step=16, hyper=16,
-              globals=16, stats_partials=0, stats_stride=0, remainder=0, master_bits=0, device=0,
-              stream=0)
+              globals=16, stats_partials=0, stats_stride=0, remainder=0, master_bits=0, scale1=0,
+              scale2=0, device=0, stream=0)
     with pytest.raises(ValueError, match=r"update: algorithm must be one of 'adamw', 'sgd', "
                                          r"'lion', got 'adam'"):
         c.update(**{**up, "algorithm": "adam"})

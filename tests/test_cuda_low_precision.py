@@ -1,20 +1,22 @@
 """The low-precision tier on the CUDA backend (csrc/update.cu): master weights for bf16 params
-(fusedopt/engine/master.py) and bf16 state rounded stochastically (fusedopt/engine/stochastic.py).
+(fusedopt/engine/master.py), bf16 state rounded stochastically (fusedopt/engine/stochastic.py)
+and 8-bit state (fusedopt/engine/int8.py).
 
 CPU (CI): backend selection no longer refuses the tier on backend="cuda" ('auto' still takes
-CUDA first), the wrapper names a bad remainder, master_bits or state dtype before any launch,
-and the compiled module's own checks of the new raw arguments.
+CUDA first), the wrapper names a bad remainder, master_bits, state dtype or scale before any
+launch, and the compiled module's own checks of the new raw arguments.
 
 GPU (marked gpu), bit for bit:
 - launch by launch against the specification, on test_cuda_backend's segment (views at
   unaligned offsets, tails, channels_last, a tensor without a gradient, another segment's tensor):
   the contract's element math in fp32 torch ops in the kernels' order (expected_step) on the
   fp32 master (master.combine), split back (master.split), states rounded with stochastic.py's
-  bits; nothing else written; found_inf writes nothing at all; the statistics partials of the
-  fp32 values;
+  bits, 8-bit states decoded (int8.decode) and quantized again (int8.quantize with hash32's
+  bits: codes and group scales); nothing else written; found_inf writes nothing at all; the
+  statistics partials of the fp32 values;
 - whole optimizers over 20 steps with statistics (AdamC, SGD with momentum and Nesterov, Lion;
-  24- and 32-bit masters, fp32 and bf16 state; a view at an odd offset, tails, an inf step that
-  changes nothing): 32-bit masters equal an fp32 run; params, remainders and states equal
+  24- and 32-bit masters, fp32, bf16 and 8-bit state; a view at an odd offset, tails, an inf
+  step that changes nothing): 32-bit masters equal an fp32 run; params, remainders and states equal
   Triton's with its fused multiply-adds off (nvcc's -fmad=false rounds every product), the
   statistics up to summation order; all close to the reference (which forms its scalars in
   Python doubles: not bit for bit).
@@ -26,7 +28,7 @@ import torch
 
 import fusedopt
 from fusedopt import cuda_backend
-from fusedopt.engine import backends, layout, master, stochastic
+from fusedopt.engine import backends, int8, layout, master, stochastic
 import test_cuda_backend
 from test_cuda_backend import (BLOCK, CONFIGS, Segment, _extension, algorithm_module,
                                assert_same_bits, call_update, cpu_layout, expected_step, hyper_of,
@@ -37,7 +39,7 @@ from test_cuda_backend import (BLOCK, CONFIGS, Segment, _extension, algorithm_mo
 cuda, recorder = test_cuda_backend.cuda, test_cuda_backend.recorder
 
 BF16 = torch.bfloat16
-TIER = ("master_weight_bits", "state_dtype='bf16'")
+TIER = ("master_weight_bits", "state_dtype='bf16'", "state_dtype='int8'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +55,7 @@ def test_cuda_backend_takes_the_tier(monkeypatch):
     monkeypatch.setattr(backends, "available", lambda name: True)
     gpu = torch.device("cuda", 0)
     assert backends.AUTO_GPU_ORDER[0] == "cuda"
-    for needs in ((), TIER[:1], TIER[1:], TIER):
+    for needs in ((), TIER[:1], TIER[1:2], TIER[2:], TIER):
         assert backends.resolve("auto", gpu, [BF16, torch.float32], needs) == "cuda", needs
         assert backends.resolve("cuda", gpu, [BF16], needs) == "cuda", needs
 
@@ -67,12 +69,20 @@ def test_wrapper_passes_the_tier_to_the_binding(recorder):
     call_update(lay, "lion", BF16, state1=m, remainder=remainder24, master_bits=24)
     call_update(lay, "sgd", torch.float16, state1=m)
     call_update(lay, "adamw", torch.float32)
+    m8, v8 = lay.state1.to(torch.uint8), lay.state2.to(torch.uint8)
+    s1, s2 = (torch.zeros(m.numel() // int8.GROUP, dtype=torch.uint8) for _ in range(2))
+    call_update(lay, "adamw", BF16, state1=m8, state2=v8, remainder=remainder24, master_bits=24,
+                scale1=s1, scale2=s2)
+    call_update(lay, "sgd", torch.float32, state1=m8, scale1=s1)
     got = [(kw["dtype"], kw["state_dtype"], kw["state1"], kw["state2"], kw["remainder"],
-            kw["master_bits"]) for _, kw in recorder.calls]
-    assert got == [(1, 1, m.data_ptr(), v.data_ptr(), remainder32.data_ptr(), 32),
-                   (1, 1, m.data_ptr(), 0, remainder24.data_ptr(), 24),
-                   (2, 1, m.data_ptr(), 0, 0, 0),
-                   (0, 0, lay.state1.data_ptr(), lay.state2.data_ptr(), 0, 0)]
+            kw["master_bits"], kw["scale1"], kw["scale2"]) for _, kw in recorder.calls]
+    assert got == [(1, 1, m.data_ptr(), v.data_ptr(), remainder32.data_ptr(), 32, 0, 0),
+                   (1, 1, m.data_ptr(), 0, remainder24.data_ptr(), 24, 0, 0),
+                   (2, 1, m.data_ptr(), 0, 0, 0, 0, 0),
+                   (0, 0, lay.state1.data_ptr(), lay.state2.data_ptr(), 0, 0, 0, 0),
+                   (1, 3, m8.data_ptr(), v8.data_ptr(), remainder24.data_ptr(), 24,
+                    s1.data_ptr(), s2.data_ptr()),
+                   (0, 3, m8.data_ptr(), 0, 0, 0, s1.data_ptr(), 0)]
 
 
 def test_wrapper_names_bad_tier_arguments(recorder):
@@ -106,8 +116,33 @@ def test_wrapper_names_bad_tier_arguments(recorder):
          dict(dtype=BF16, remainder=r32[1:], master_bits=32)),
         (ValueError, r"remainder must be contiguous",
          dict(dtype=BF16, remainder=torch.zeros(2 * n, dtype=torch.int16)[::2], master_bits=32)),
-        (ValueError, r"scale2 must be None: the CUDA kernels have no 8-bit state",
-         dict(scale2=torch.zeros(n, dtype=torch.uint8))),
+    ]
+    # 8-bit state: uint8 codes beside one uint8 scale byte per 32 elements, one buffer a state.
+    m8, v8 = lay.state1.to(torch.uint8), lay.state2.to(torch.uint8)
+    s8 = torch.zeros(n // int8.GROUP, dtype=torch.uint8)
+    int8_state = dict(state1=m8, state2=v8, scale1=s8, scale2=s8.clone())
+    refused += [
+        (ValueError, r"scale1 is required with uint8 state \(8-bit codes",
+         dict(int8_state, scale1=None)),
+        (ValueError, r"scale2 is required with uint8 state \(8-bit codes",
+         dict(int8_state, scale2=None)),
+        (ValueError, r"scale1 must be None unless the state is uint8 \(8-bit codes\), got state1 "
+                     r"of float32", dict(scale1=s8)),
+        (ValueError, r"scale2 must be None unless the state is uint8 \(8-bit codes\), got state1 "
+                     r"of bfloat16",
+         dict(state1=lay.state1.to(BF16), state2=lay.state2.to(BF16), scale2=s8)),
+        (ValueError, r"scale2 must be None for algorithm 'lion' \(one state buffer\)",
+         dict(algorithm="lion", state1=m8, scale1=s8, scale2=s8)),
+        (TypeError, r"scale1 must have dtype uint8, got int8",
+         dict(int8_state, scale1=s8.to(torch.int8))),
+        (ValueError, rf"scale2 must have shape \({n // int8.GROUP},\), got "
+                     rf"\({n // int8.GROUP - 1},\)", dict(int8_state, scale2=s8[1:])),
+        (ValueError, r"scale1 must be contiguous",
+         dict(int8_state, scale1=torch.zeros(2 * n // int8.GROUP, dtype=torch.uint8)[::2])),
+        (TypeError, r"state2 must have dtype uint8, got float32",
+         dict(int8_state, state2=lay.state2)),
+        (ValueError, r"state1 of 8-bit state must hold whole groups of 32 codes, got 12287",
+         dict(algorithm="sgd", state1=m8[1:], scale1=s8)),
     ]
     for error, message, changes in refused:
         with pytest.raises(error, match=message):
@@ -123,10 +158,22 @@ def test_compiled_module_checks_tier_arguments():
     up = dict(algorithm="adamw", dtype=1, block_tensor=16, num_blocks=1, tensor_table=16,
               num_tensors=1, state1=16, state2=16, state_dtype=1, tensor_step=16, hyper=16,
               globals=16, stats_partials=0, stats_stride=0, remainder=16, master_bits=32,
-              device=0, stream=0)
-    with pytest.raises(ValueError, match=r"update: state_dtype must be 0 \(float32\) or 1 "
-                                         r"\(bfloat16\), got 2"):
+              scale1=0, scale2=0, device=0, stream=0)
+    with pytest.raises(ValueError, match=r"update: state_dtype must be 0 \(float32\), 1 "
+                                         r"\(bfloat16\) or 3 \(uint8: 8-bit state\), got 2"):
         c.update(**{**up, "state_dtype": 2})
+    # 8-bit state (state_dtype 3): a scale buffer beside each state buffer, and none otherwise.
+    up8 = {**up, "state_dtype": 3, "scale1": 16, "scale2": 16}
+    with pytest.raises(ValueError, match=r"update: scale1 must be a non-null device pointer"):
+        c.update(**{**up8, "scale1": 0})
+    with pytest.raises(ValueError, match=r"update: scale2 must be a non-null device pointer"):
+        c.update(**{**up8, "scale2": 0})
+    with pytest.raises(ValueError, match=r"update: scale2 must be null \(0\) for lion"):
+        c.update(**{**up8, "algorithm": "lion", "state2": 0})
+    for scales in ({"scale1": 16}, {"scale2": 16}):
+        with pytest.raises(ValueError, match=r"update: scale1 and scale2 must be null \(0\) unless "
+                                             r"state_dtype is 3"):
+            c.update(**{**up, **scales})
     with pytest.raises(ValueError, match=r"update: master_bits must be 0, 24 or 32, got 16"):
         c.update(**{**up, "master_bits": 16})
     for dtype in (0, 2):
@@ -141,21 +188,35 @@ def test_compiled_module_checks_tier_arguments():
     # An empty segment launches nothing, with or without the tier.
     c.update(**{**up, "num_blocks": 0, "block_tensor": 0, "state1": 0, "state2": 0,
                 "remainder": 0})
+    c.update(**{**up8, "num_blocks": 0, "block_tensor": 0, "state1": 0, "state2": 0,
+                "remainder": 0, "scale1": 0, "scale2": 0})
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU: launch by launch against the specification
 # ---------------------------------------------------------------------------------------------
 
-# (param dtype, master bits, state dtype): every instantiation the tier adds.
+# (param dtype, master bits, state dtype): every instantiation the tier adds (uint8: 8-bit
+# state's codes; fp32 params move them 4 a lane, 2-byte params 8).
+INT8 = torch.uint8
 MODES = [(torch.float32, 0, BF16), (torch.float16, 0, BF16), (BF16, 0, BF16),
-         (BF16, 32, torch.float32), (BF16, 32, BF16), (BF16, 24, torch.float32), (BF16, 24, BF16)]
+         (BF16, 32, torch.float32), (BF16, 32, BF16), (BF16, 24, torch.float32), (BF16, 24, BF16),
+         (torch.float32, 0, INT8), (torch.float16, 0, INT8), (BF16, 0, INT8), (BF16, 32, INT8),
+         (BF16, 24, INT8)]
 REMAINDER_PAD = 0x55  # in the remainder's padding: never written
+INT8_PAD = 0xA5  # in the 8-bit state's padding (codes, and scale bytes of groups past the end)
 
 
 def mode_id(mode):
     dtype, bits, state = mode
     return f"{str(dtype)[6:]}-master{bits}-state_{str(state)[6:]}"
+
+
+def tier_segment(device, mode, **kwargs):
+    dtype, bits, state_dtype = mode
+    if state_dtype == INT8:
+        return Int8Segment(device, dtype, bits, **kwargs)
+    return TierSegment(device, dtype, bits, state_dtype, **kwargs)
 
 
 class TierSegment(Segment):
@@ -166,6 +227,7 @@ class TierSegment(Segment):
         super().__init__(device, dtype, **kwargs)
         self.bits = bits
         self.states = [s.to(state_dtype) for s in self.states]
+        self.scales = []  # 8-bit state's (Int8Segment)
         self.remainder = None
         if bits:
             gen = torch.Generator().manual_seed(7)
@@ -186,9 +248,11 @@ class TierSegment(Segment):
         rows = len(algorithm_module(self.algorithm).STATS)
         partials = (torch.full((rows, self.num_blocks), -5.0, device=self.device) if stats
                     else None)
+        second = (lambda buffers: buffers[1] if len(buffers) > 1 else None)
         cuda_backend.update(self.algorithm, self.dtype, self.block_tensor, self.table,
-                            self.states[0], self.states[1] if len(self.states) > 1 else None,
-                            self.step, hyper, self.globals, partials, self.remainder, self.bits)
+                            self.states[0], second(self.states), self.step, hyper, self.globals,
+                            partials, self.remainder, self.bits,
+                            self.scales[0] if self.scales else None, second(self.scales))
         return partials
 
     def snapshot(self):
@@ -205,25 +269,130 @@ class TierSegment(Segment):
         start, n = self.state_start[t], p.numel()
         return master.combine(p, shot.remainder[start:start + n].cpu(), self.bits)
 
+    def state_values(self, t, shot):
+        """Tensor t's states in a snapshot as the update sees them (CPU fp32)."""
+        return [s.float().cpu() for s in self.state_of(t, shot.states)]
+
+    def stored(self, t, holder):
+        """{name: CPU tensor} of what tensor t keeps of its state in holder (the segment or a
+        snapshot)."""
+        return {f"state{i + 1}": s.cpu() for i, s in enumerate(self.state_of(t, holder.states))}
+
+    def check_padding(self, before):
+        """The state's and the remainder's padding hold what they held."""
+        padding = self.padding_mask()
+        for i, (ours, orig) in enumerate(zip(self.states, before.states)):
+            assert_same_bits(ours[padding], orig[padding], f"padding of state{i + 1}")
+        if self.remainder is not None:
+            assert_same_bits(self.remainder[padding], before.remainder[padding],
+                             "remainder padding")
+
     def expected(self, t, hyper, before):
         """(fp32 value before, fp32 update, fp32 states after, stored param, stored remainder,
-        stored states) of tensor t by the specification."""
+        stored state as `stored` names it) of tensor t by the specification."""
         old = self.value(t, before)
-        states_before = [s.float().cpu() for s in self.state_of(t, before.states)]
         step = self.step[t].item()
-        new, states = expected_step(self.algorithm, old, self.unscaled_grad(t), states_before,
-                                    hyper_of(self, hyper, t), step)
+        new, states = expected_step(self.algorithm, old, self.unscaled_grad(t),
+                                    self.state_values(t, before), hyper_of(self, hyper, t), step)
         if self.bits:
             param, remainder = master.split(new, self.bits)
         else:
             param, remainder = new.to(self.dtype), None
-        stored_states = states
+        return old, new, states, param, remainder, self.stored_after(t, hyper, before, states)
+
+    def stored_after(self, t, hyper, before, states):
+        """`stored`'s entries for tensor t's fp32 states after the update: as they are, or bf16
+        rounded with stochastic.py's bits (streams 1, 2; index STATE_START + element)."""
         if self.states[0].dtype == BF16:
             start = self.state_start[t]
-            index = torch.arange(start, start + old.numel())
-            stored_states = [stochastic.to_bf16(s, int(step), index, stream)
-                             for stream, s in enumerate(states, start=1)]
-        return old, new, states, param, remainder, stored_states
+            index = torch.arange(start, start + self.params[t].numel())
+            step = int(self.step[t].item())
+            states = [stochastic.to_bf16(s, step, index, stream)
+                      for stream, s in enumerate(states, start=1)]
+        return {f"state{i + 1}": s for i, s in enumerate(states)}
+
+
+class Int8Segment(TierSegment):
+    """TierSegment with 8-bit state: random moments over 6 decades (squares for "sqrt" formats,
+    zeros among them, and a group below the smallest scale, stored as zeros) quantized to
+    nearest into uint8 codes and group scale bytes; INT8_PAD in the codes' padding and in the
+    scale bytes of groups wholly past a tensor's end (a group partly past it is the tensor's)."""
+
+    def __init__(self, device, dtype, bits, **kwargs):
+        super().__init__(device, dtype, bits, torch.float32, **kwargs)
+        self.codes = algorithm_module(self.algorithm).STATE_CODES
+        gen = torch.Generator().manual_seed(13)
+        size = self.num_blocks * BLOCK
+        codes = [torch.full((size,), INT8_PAD, dtype=INT8) for _ in self.codes]
+        scales = [torch.full((size // int8.GROUP,), INT8_PAD, dtype=INT8) for _ in self.codes]
+        for t in self.members:
+            start, n = self.state_start[t], self.params[t].numel()
+            first, groups, count = self.groups_of(t)
+            for buffer, scale_buffer, code in zip(codes, scales, self.codes):
+                value = torch.randn(n, generator=gen) * 10.0 ** torch.empty(n).uniform_(
+                    -6, 0, generator=gen)
+                value[::7] = 0.0
+                value[int8.GROUP:2 * int8.GROUP] *= 1e-30  # below 2^(MIN_SCALE - 127)
+                if code == "sqrt":
+                    value = value.square()
+                c, b = int8.quantize(value, groups, count, int8.nearest(code), code)
+                buffer[start:start + n] = c
+                scale_buffer[first:first + count] = b
+        self.states = [c.to(device) for c in codes]
+        self.scales = [b.to(device) for b in scales]
+
+    def groups_of(self, t):
+        """(first group in the scale buffers, each element's group among the tensor's, groups)
+        of tensor t."""
+        n = self.params[t].numel()
+        return self.state_start[t] // int8.GROUP, torch.arange(n) // int8.GROUP, -(-n // int8.GROUP)
+
+    def snapshot(self):
+        shot = super().snapshot()
+        shot.scales = [b.clone() for b in self.scales]
+        return shot
+
+    def state_values(self, t, shot):
+        start, n = self.state_start[t], self.params[t].numel()
+        first, groups, count = self.groups_of(t)
+        return [int8.decode(c[start:start + n].cpu(), b[first:first + count].cpu().long()[groups],
+                            code) for c, b, code in zip(shot.states, shot.scales, self.codes)]
+
+    def stored(self, t, holder):
+        first, _, count = self.groups_of(t)
+        stored = super().stored(t, holder)
+        stored.update({f"scale{i + 1}": b[first:first + count].cpu()
+                       for i, b in enumerate(holder.scales)})
+        return stored
+
+    def check_padding(self, before):
+        super().check_padding(before)
+        past = torch.ones(self.num_blocks * BLOCK // int8.GROUP, dtype=torch.bool,
+                          device=self.device)
+        for t in self.members:
+            first, _, count = self.groups_of(t)
+            past[first:first + count] = False
+        for i, (ours, orig) in enumerate(zip(self.scales, before.scales)):
+            assert_same_bits(ours[past], orig[past], f"scale{i + 1} of groups past the ends")
+
+    def stored_after(self, t, hyper, before, states):
+        """Codes and scale bytes: int8.quantize of the fp32 states with hash32's bits (streams 1,
+        2; index STATE_START + element); an SGD buffer without momentum is not touched."""
+        if self.algorithm == "sgd" and hyper_of(self, hyper, t)["momentum"] == 0:
+            return self.stored(t, before)
+        start, n = self.state_start[t], self.params[t].numel()
+        _, groups, count = self.groups_of(t)
+        index = torch.arange(start, start + n)
+        step = int(self.step[t].item())
+        stored = {}
+        for i, (value, code) in enumerate(zip(states, self.codes)):
+            random = stochastic.hash32(step, index, i + 1) & ((1 << int8.round_bits(code)) - 1)
+            # On the device: its sqrt is IEEE's, as the kernel's (torch's CPU sqrt was 1 ulp off
+            # for 1 value in ~6000, expected_step).
+            c, b = int8.quantize(value.to(self.device), groups.to(self.device), count,
+                                 random.to(self.device), code)
+            stored[f"state{i + 1}"], stored[f"scale{i + 1}"] = c.cpu(), b.cpu()
+        return stored
 
 
 def check_tier_update(seg, hyper, before, partials, *, found_inf):
@@ -236,19 +405,20 @@ def check_tier_update(seg, hyper, before, partials, *, found_inf):
             assert_same_bits(p_after, before.params[t].cpu(), f"param {t} (another segment)")
             continue
         start, n = seg.state_start[t], seg.params[t].numel()
-        s_after = [s.cpu() for s in seg.state_of(t, seg.states)]
+        s_after = seg.stored(t, seg)
         r_after = None if seg.remainder is None else seg.remainder[start:start + n].cpu()
         if found_inf or seg.groups[t] < 0:
             param = before.params[t].cpu()
             remainder = None if r_after is None else before.remainder[start:start + n].cpu()
-            states = [s.cpu() for s in seg.state_of(t, before.states)]
+            states = seg.stored(t, before)
         else:
             _, _, _, param, remainder, states = seg.expected(t, hyper, before)
         assert_same_bits(p_after, param, f"param {t}")
         if r_after is not None:
             assert_same_bits(r_after, remainder, f"remainder of tensor {t}")
-        for i, (ours, exp) in enumerate(zip(s_after, states)):
-            assert_same_bits(ours, exp, f"state{i + 1} of tensor {t}")
+        assert s_after.keys() == states.keys()
+        for name, ours in s_after.items():
+            assert_same_bits(ours, states[name], f"{name} of tensor {t}")
     for t, grad in enumerate(seg.grads):
         if grad is not None:
             assert_same_bits(memory_order(grad), before.grads[t], f"grad {t}")
@@ -260,11 +430,7 @@ def check_tier_update(seg, hyper, before, partials, *, found_inf):
                 start = offset // buffer.element_size()
                 gaps[start:start + tensor.numel()] = False
         assert_same_bits(buffer[gaps], before.shared[kind][gaps], f"gaps of the shared {kind}s")
-    padding = seg.padding_mask()
-    for i, (ours, orig) in enumerate(zip(seg.states, before.states)):
-        assert_same_bits(ours[padding], orig[padding], f"padding of state{i + 1}")
-    if seg.remainder is not None:
-        assert_same_bits(seg.remainder[padding], before.remainder[padding], "remainder padding")
+    seg.check_padding(before)
     assert_same_bits(seg.step, before.step, "tensor_step")
     assert_same_bits(seg.globals, before.globals, "globals")
     if partials is not None:
@@ -274,8 +440,8 @@ def check_tier_update(seg, hyper, before, partials, *, found_inf):
 def check_tier_partials(seg, hyper, before, partials, *, found_inf):
     """Each block's statistics against float64 sums of what the Triton kernel's see: the new
     param as stored, or with master weights the fp32 update (before a 24-bit rounding) and the
-    old master; the states in fp32 before they are rounded to bf16. A skipped step: the combined
-    master and the widened state."""
+    old master; the states in fp32 before they are rounded to bf16 or 8 bits. A skipped step:
+    the combined master and the widened or decoded state."""
     ops = [op for _, op in algorithm_module(seg.algorithm).STATS]
     neutral = [{layout.OP_SUM: 0.0, layout.OP_MIN: math.inf, layout.OP_MAX: -math.inf}[op]
                for op in ops]
@@ -290,12 +456,12 @@ def check_tier_partials(seg, hyper, before, partials, *, found_inf):
         if t not in cache:
             if found_inf:
                 old = seg.value(t, before)
-                states = [s.float().cpu() for s in seg.state_of(t, before.states)]
+                states = seg.state_values(t, before)
                 cache[t] = (old, old, states, None)
             else:
                 old, new, states, param, _, _ = seg.expected(t, hyper, before)
                 seen = new if seg.bits else param.float()
-                v_prev = [s.float().cpu() for s in seg.state_of(t, before.states)]
+                v_prev = seg.state_values(t, before)
                 cache[t] = (old, seen, states, v_prev)
         old, seen, states, v_prev = cache[t]
         span = slice(first, first + count)
@@ -324,8 +490,7 @@ def check_tier_partials(seg, hyper, before, partials, *, found_inf):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_update_matches_the_specification_bit_for_bit(cuda, config, mode, stats):
     algorithm, rows = CONFIGS[config]
-    dtype, bits, state_dtype = mode
-    seg = TierSegment(cuda, dtype, bits, state_dtype, algorithm=algorithm, seed=11)
+    seg = tier_segment(cuda, mode, algorithm=algorithm, seed=11)
     hyper = seg.hyper_table(rows)
     before = seg.snapshot()
     partials = seg.run_update(hyper, stats)
@@ -338,8 +503,7 @@ def test_update_matches_the_specification_bit_for_bit(cuda, config, mode, stats)
 @pytest.mark.parametrize("config", ["adamw", "sgd", "lion"])
 def test_update_found_inf_writes_nothing(cuda, config, mode, stats):
     algorithm, rows = CONFIGS[config]
-    dtype, bits, state_dtype = mode
-    seg = TierSegment(cuda, dtype, bits, state_dtype, algorithm=algorithm, seed=12)
+    seg = tier_segment(cuda, mode, algorithm=algorithm, seed=12)
     memory_order(seg.grads[6])[10] = float("nan")
     seg.globals[layout.FOUND_INF] = 1.0
     hyper = seg.hyper_table(rows)
@@ -379,7 +543,8 @@ def build_params(dtype, device):
 def run(name, dtype, backend, *, bits=None, state_dtype="fp32", device="cuda"):
     """STEPS steps of optimizer `name` with statistics and a cosine lr; at INF_STEP one grad
     holds an inf, and that step must change nothing (checked here). Returns the params' masters
-    (fp32), params, remainders, states, the last statistics and the views' buffer."""
+    (fp32), params, remainders, states (8-bit state's codes), 8-bit state's scale bytes, the last
+    statistics and the views' buffer."""
     cls, kwargs = OPTIMIZERS[name]
     buffer, params = build_params(dtype, device)
     opt = cls(params, backend=backend, stats=True, master_weight_bits=bits,
@@ -390,10 +555,16 @@ def run(name, dtype, backend, *, bits=None, state_dtype="fp32", device="cuda"):
     def states():
         return [opt.state[p][name] for p in params for name in opt.engine.algorithm.STATE]
 
+    def scales():
+        if state_dtype != "int8":
+            return []
+        return [opt.engine.scale_view(p, name) for p in params
+                for name in opt.engine.algorithm.STATE]
+
     def snapshot():
         return ([p.detach().clone() for p in params],
                 [r.clone() for r in map(opt.engine.remainder_view, params) if r is not None],
-                [s.clone() for s in states()])
+                [s.clone() for s in states()], [s.clone() for s in scales()])
 
     for step in range(STEPS):
         opt.param_groups[0]["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / STEPS))
@@ -405,7 +576,7 @@ def run(name, dtype, backend, *, bits=None, state_dtype="fp32", device="cuda"):
         opt.step()
         if step == INF_STEP:
             assert opt.stats().to_dict()["global"]["found_inf"]
-            for group, (olds, news) in zip(("params", "remainders", "states"),
+            for group, (olds, news) in zip(("params", "remainders", "states", "scales"),
                                            zip(before, snapshot())):
                 for i, (old, new) in enumerate(zip(olds, news)):
                     assert_same_bits(new, old, f"{backend}: {group}[{i}] changed on the inf step")
@@ -414,7 +585,8 @@ def run(name, dtype, backend, *, bits=None, state_dtype="fp32", device="cuda"):
                for p, r in zip(params, remainders)]
     assert opt.stats().to_dict()["global"]["skipped_steps"] == (STEPS > INF_STEP)
     return dict(masters=masters, params=[p.detach() for p in params], remainders=remainders,
-                states=states(), stats=opt.stats().to_dict()["tensors"], buffer=buffer)
+                states=states(), scales=scales(), stats=opt.stats().to_dict()["tensors"],
+                buffer=buffer)
 
 
 def assert_stats_close(a, b, rel=1e-4):
@@ -433,19 +605,21 @@ def gpu_backends(cuda):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_32_bit_masters_equal_the_fp32_run_bit_for_bit(cuda, name, state_dtype):
     """The master path runs the fp32 path's math on the combined master without rounding: the
     masters of a bf16 run equal the params of an fp32 run fed the same (bf16) values, and so do
-    the states (bf16 ones with the same random bits: the same state indices)."""
+    the states (bf16 and 8-bit ones with the same random bits: the same state indices; 8-bit
+    codes and scale bytes alike, though the fp32 run moves 4 codes a lane and the bf16 run 8)."""
     fp32 = run(name, torch.float32, "cuda", state_dtype=state_dtype)
     ours = run(name, BF16, "cuda", bits=32, state_dtype=state_dtype)
     for i, (a, b) in enumerate(zip(ours["masters"], fp32["params"])):
         assert_same_bits(a, b, f"master {i}")
         assert_same_bits(ours["params"][i], master.split(b, 32)[0], f"param {i}")
-    for i, (a, b) in enumerate(zip(ours["states"], fp32["states"])):
-        assert_same_bits(a, b, f"state {i}")
+    for key in ("states", "scales"):
+        for i, (a, b) in enumerate(zip(ours[key], fp32[key])):
+            assert_same_bits(a, b, f"{key}[{i}]")
     assert_stats_close(ours["stats"], fp32["stats"], rel=1e-5)
 
 
@@ -488,3 +662,24 @@ def test_cuda_matches_triton_bit_for_bit_and_the_reference(gpu_backends, monkeyp
         else:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"state {i}")
     assert_stats_close(ours["stats"], reference["stats"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, bits", [(torch.float32, None), (torch.float16, None), (BF16, 32),
+                                         (BF16, 24)], ids=["fp32", "fp16", "master32", "master24"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_int8_state_matches_triton_bit_for_bit(gpu_backends, monkeypatch, name, dtype, bits):
+    """8-bit state: params, remainders, codes and scale bytes equal Triton's with its fused
+    multiply-adds off (as above): both do the contract's fp32 operations in the same order, an
+    IEEE sqrt, and int8.py's integer operations with the same random bits; the statistics up to
+    summation order."""
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    ours, triton = (run(name, dtype, backend, bits=bits, state_dtype="int8")
+                    for backend in ("cuda", "triton"))
+    for key in ("params", "remainders", "states", "scales"):
+        assert len(ours[key]) == len(triton[key]), key
+        for i, (a, b) in enumerate(zip(ours[key], triton[key])):
+            if a is not None or b is not None:
+                assert_same_bits(a, b, f"{key}[{i}] against Triton")
+    assert_same_bits(ours["buffer"], triton["buffer"], "the views' buffer against Triton")
+    assert_stats_close(ours["stats"], triton["stats"])

@@ -162,8 +162,6 @@ def test_int8_state_is_bit_reproducible_run_to_run():
 
 
 def test_kernels_match_the_reference(kernel_backend, device):
-    if kernel_backend == "cuda":
-        pytest.skip("8-bit state is in the reference and Triton backends")
     results = []
     for backend in ("reference", kernel_backend):
         p, opt = run(BF16, 24, backend, steps=4, numel=9000, device=device, stats=True)
@@ -190,8 +188,6 @@ def test_kernels_match_the_reference(kernel_backend, device):
                                          (fusedopt.Lion, {"lr": 1e-4})], ids=["SGD", "Lion"])
 def test_sgd_and_lion_take_int8_state_on_the_kernels_as_in_the_reference(kernel_backend, device,
                                                                          cls, kwargs):
-    if kernel_backend == "cuda":
-        pytest.skip("8-bit state is in the reference and Triton backends")
     results = []
     for backend in ("reference", kernel_backend):
         p, opt = run(BF16, 32, backend, steps=3, numel=5000, device=device, cls=cls, **kwargs)
@@ -207,7 +203,7 @@ def test_sgd_and_lion_take_int8_state_on_the_kernels_as_in_the_reference(kernel_
     assert (codes_k == ref_codes).float().mean() > 0.98
 
 
-@pytest.mark.parametrize("backend", ["reference"] + [b for b in kernel_backends() if b != "cuda"])
+@pytest.mark.parametrize("backend", ["reference"] + list(kernel_backends()))
 def test_an_inf_leaves_params_remainders_codes_and_scales_bit_identical(backend, device):
     p, opt = run(BF16, 24, backend, steps=3, numel=5000, device=device)
     before = {k: v.clone() for k, v in opt.state[p].items()}
@@ -293,9 +289,15 @@ def test_24_bit_masters_with_int8_moments_hold_3_06_bytes_a_param():
 
 
 def test_bad_settings_are_named():
-    p = torch.nn.Parameter(torch.ones(3))
-    with pytest.raises(ValueError, match="state_dtype='int8': backend='cuda' does not implement"):
-        fusedopt.AdamW([p], backend="cuda", state_dtype="int8")
     double = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="params: param0 is float64; state_dtype='int8'"):
         fusedopt.AdamW([double], state_dtype="int8")
+
+
+def test_auto_keeps_int8_state_on_triton_until_the_cuda_kernels_have_run_on_a_gpu(monkeypatch):
+    from fusedopt.engine import backends
+    monkeypatch.setattr(backends, "available", lambda name: True)
+    cuda = torch.device("cuda")
+    assert backends.resolve("auto", cuda, [BF16], ["state_dtype='int8'"]) == "triton"
+    assert backends.resolve("auto", cuda, [BF16], ["state_dtype='bf16'"]) == "cuda"
+    assert backends.resolve("cuda", cuda, [BF16], ["state_dtype='int8'"]) == "cuda"

@@ -1,12 +1,14 @@
 """The CUDA and Triton kernels' schema numbers against the one schema, name by name.
 
 python/fusedopt/engine/layout.py declares the block size, tensor-table rows, hyperparameter
-columns, global slots, reduction ops and algorithm codes; each python/fusedopt/algorithms/<name>.py
-its own hyperparameter columns (HYPER), state (STATE) and statistics (STATS). csrc/layout.h and
-csrc/algorithms/<name>.cuh repeat them for the compiler, and fusedopt._C.schema() exports what the
-kernels were compiled with. Every number is compared under its name, so changing one on either
-side (a reordered tuple, BLOCK, HYPER_COLUMNS, GLOBAL_SLOTS, MAX_STAT_COLUMNS, MAX_STATES, a
-statistic's op) fails here, on CPU: the module links cudart statically and schema() touches no
+columns, global slots, reduction ops and algorithm codes; python/fusedopt/engine/int8.py the 8-bit
+state's group size, exponent and mantissa bits and smallest scale; each
+python/fusedopt/algorithms/<name>.py its own hyperparameter columns (HYPER), state (STATE), 8-bit
+formats (STATE_CODES) and statistics (STATS). csrc/layout.h and csrc/algorithms/<name>.cuh repeat
+them for the compiler, and fusedopt._C.schema() exports what the kernels were compiled with.
+Every number is compared under its name, so changing one on either side (a reordered tuple,
+BLOCK, HYPER_COLUMNS, GLOBAL_SLOTS, MAX_STAT_COLUMNS, MAX_STATES, a statistic's op, an int8
+constant or format) fails here, on CPU: the module links cudart statically and schema() touches no
 device. The Triton kernels take constexpr copies (fusedopt.triton_kernels.layout, and each
 triton_kernels/algorithms/<name>.py its state and statistics counts): compared here too.
 """
@@ -14,7 +16,7 @@ import importlib
 
 import pytest
 
-from fusedopt.engine import layout
+from fusedopt.engine import int8, layout
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,13 @@ def test_limits(schema):
     assert schema["max_states"] == layout.MAX_STATES
 
 
+def test_int8_constants(schema):
+    assert schema["int8"] == {"group": int8.GROUP, "exponent_bits": int8.EXPONENT_BITS,
+                              "mantissa_bits": dict(int8.MANTISSA_BITS),
+                              "min_scale": int8.MIN_SCALE}
+    assert layout.STATE_ALIGN % int8.GROUP == 0
+
+
 def test_algorithm_codes(schema):
     codes = {name: entry["code"] for name, entry in schema["algorithms"].items()}
     assert codes == {name: code for code, name in enumerate(layout.ALGORITHMS)}
@@ -84,6 +93,9 @@ def test_algorithm(schema, name):
     assert compiled["states"] == len(module.STATE) <= layout.MAX_STATES
     assert compiled["stats"] == len(module.STATS) <= layout.MAX_STAT_COLUMNS
     assert compiled["stat_ops"] == [op for _, op in module.STATS]
+    assert compiled["state_codes"] == list(module.STATE_CODES)
+    assert len(module.STATE_CODES) == len(module.STATE)
+    assert set(module.STATE_CODES) <= set(int8.MANTISSA_BITS)
 
 
 # ----------------------------------------------------------------- the Triton module's copy

@@ -14,7 +14,10 @@
 // weights add the remainder's read + write to bf16 params, 4 B for 32 bits (int16), 2 B for 24
 // (uint8): fp32 state 26 | 24 B, bf16 state 18 | 16 B (32 | 24 bits). With grad_norm's 2 B,
 // bf16 params with 32-bit masters follow an fp32 run's params bit for bit for 28 B/param against
-// its 32, and with bf16 state as well for 20 B.
+// its 32, and with bf16 state as well for 20 B. 8-bit state moves m and v in 1 B each plus 1/32 B
+// of group scale each, read and written (4.125 B: 16.125 | 10.125 B; with masters 14.125 |
+// 12.125 B for 32 | 24 bits): bf16 params with 24-bit masters and 8-bit moments, 14.1 B/param
+// with grad_norm's 2 B.
 #pragma once
 
 #include "../common.cuh"
@@ -26,6 +29,9 @@ struct AdamW {
   enum Column : int { kBeta1 = kFirstAlgorithmColumn, kBeta2, kEps };
   static constexpr HyperColumn kHyper[] = {{"beta1", kBeta1}, {"beta2", kBeta2}, {"eps", kEps}};
   static constexpr int kStates = 2;  // exp_avg, exp_avg_sq
+  // 8-bit formats (fusedopt/engine/int8.py): m signed; v on sqrt(v), whose log-like code keeps the
+  // small v of a group with one large element from rounding to 0 (an m / eps update).
+  static constexpr StateCode kCodes[kStates] = {StateCode::kSigned, StateCode::kSqrt};
   static constexpr int kStats = 6;
 
   // sum p_new^2, sum (p_new - p_old)^2, min v-hat, max v-hat, sum v-hat, count(g^2 < v_prev)

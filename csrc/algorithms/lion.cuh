@@ -9,7 +9,8 @@
 // plus grad_norm's read of g (4 | 2 B): 24 B/param in fp32, 3/4 of AdamW's 32 B (one state).
 // The low-precision tier: bf16 state moves m in 2 B (4 B less: 16 | 10 B); master weights add
 // the remainder's read + write to bf16 params, 4 B for 32 bits, 2 B for 24: fp32 state 18 | 16 B,
-// bf16 state 14 | 12 B (32 | 24 bits).
+// bf16 state 14 | 12 B (32 | 24 bits). 8-bit state moves m in 1 B plus 1/32 B of group scale,
+// read and written (2.06 B): 14.06 | 8.06 B, 12.06 | 10.06 B with 32 | 24-bit masters.
 #pragma once
 
 #include "../common.cuh"
@@ -21,6 +22,7 @@ struct Lion {
   enum Column : int { kBeta1 = kFirstAlgorithmColumn, kBeta2 };
   static constexpr HyperColumn kHyper[] = {{"beta1", kBeta1}, {"beta2", kBeta2}};
   static constexpr int kStates = 1;  // exp_avg
+  static constexpr StateCode kCodes[kStates] = {StateCode::kSigned};  // 8-bit format (engine/int8.py)
   static constexpr int kStats = 3;
 
   // sum p_new^2, sum (p_new - p_old)^2, sum m^2

@@ -11,7 +11,9 @@
 // plus grad_norm's read of g (4 | 2 B). The low-precision tier: a bf16 buffer moves in 2 B (4 B
 // less with momentum: 16 | 10 B); master weights add the remainder's read + write to bf16 params,
 // 4 B for 32 bits, 2 B for 24: with momentum 18 | 16 B (fp32 buffer), 14 | 12 B (bf16 buffer),
-// momentum 0 10 | 8 B (32 | 24 bits).
+// momentum 0 10 | 8 B (32 | 24 bits). An 8-bit buffer moves 1 B plus 1/32 B of group scale,
+// read and written (2.06 B): 14.06 | 8.06 B with momentum, 12.06 | 10.06 B with 32 | 24-bit
+// masters.
 #pragma once
 
 #include "../common.cuh"
@@ -23,6 +25,7 @@ struct Sgd {
   enum Column : int { kMomentum = kFirstAlgorithmColumn, kDampening, kNesterov };
   static constexpr HyperColumn kHyper[] = {{"momentum", kMomentum}, {"dampening", kDampening}, {"nesterov", kNesterov}};
   static constexpr int kStates = 1;  // momentum_buffer
+  static constexpr StateCode kCodes[kStates] = {StateCode::kSigned};  // 8-bit format (engine/int8.py)
   static constexpr int kStats = 3;
 
   // sum p_new^2, sum (p_new - p_old)^2, sum buf^2

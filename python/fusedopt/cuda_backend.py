@@ -8,8 +8,9 @@ current stream to the compiled module, which launches on that stream and never s
 reach them through the addresses in the tensor table, which the engine fills and checks.
 
 The update takes the low-precision tier as the Triton kernel does: fp32 or bf16 state (stored
-rounded stochastically, fusedopt/engine/stochastic.py) and master weights for bf16 params (a
-remainder beside the state, fusedopt/engine/master.py).
+rounded stochastically, fusedopt/engine/stochastic.py), 8-bit state (uint8 codes beside one
+scale byte per group of 32 elements, fusedopt/engine/int8.py) and master weights for bf16 params
+(a remainder beside the state, fusedopt/engine/master.py).
 
 fusedopt._C is imported on first use, so importing this module needs neither the extension nor
 a GPU. It is built by `pip install -e .` when nvcc is found (see setup.py).
@@ -21,13 +22,16 @@ import importlib
 
 import torch
 
-from fusedopt.engine import layout, master
+from fusedopt.engine import int8, layout, master
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The update's state buffers: fp32, or bf16 rounded stochastically.
+# The update's state buffers: fp32, or bf16 rounded stochastically; or, with their group scale
+# bytes (scale1, scale2), the uint8 codes of 8-bit state.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
-# Storage dtype codes of csrc/launchers.h (fusedopt::Dtype).
+INT8_CODES = torch.uint8
+# Storage dtype codes of csrc/launchers.h (fusedopt::Dtype), and the state's (StateDtype).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_STATE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, INT8_CODES: 3}
 
 BUILD_HINT = (
     "the CUDA backend needs the compiled extension fusedopt._C, which is not built. Build it with "
@@ -279,25 +283,48 @@ def _check_master(dtype, remainder, master_bits, state1):
     _shape("remainder", remainder, tuple(state1.shape))
 
 
+def _check_scales(algorithm, states, state1, scale1, scale2):
+    """The 8-bit state's arguments of update: with uint8 state (codes), each state's group scale
+    bytes, uint8 [state1.numel() // int8.GROUP] (scale2 None for a one-state algorithm); None for
+    fp32 and bf16 state. Returns whether the state is 8-bit."""
+    codes = isinstance(state1, torch.Tensor) and state1.dtype == INT8_CODES
+    if codes and state1.dim() == 1 and state1.numel() % int8.GROUP:
+        raise ValueError(f"state1 of 8-bit state must hold whole groups of {int8.GROUP} codes, "
+                         f"got {state1.numel()} elements")
+    for name, scale, needed in (("scale1", scale1, True), ("scale2", scale2, states == 2)):
+        if scale is None:
+            if codes and needed:
+                raise ValueError(f"{name} is required with uint8 state (8-bit codes, "
+                                 f"fusedopt/engine/int8.py): one scale byte per {int8.GROUP} "
+                                 "elements, got None")
+            continue
+        if not needed:
+            raise ValueError(f"{name} must be None for algorithm {algorithm!r} (one state buffer)")
+        if not codes:
+            got = _dtype_name(state1.dtype) if isinstance(state1, torch.Tensor) else "no tensor"
+            raise ValueError(f"{name} must be None unless the state is uint8 (8-bit codes), got "
+                             f"state1 of {got}")
+        _check(name, scale, (INT8_CODES,), 1)
+        _shape(name, scale, (state1.numel() // int8.GROUP,))
+    return codes
+
+
 def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_step, hyper,
            globals_, stats_partials, remainder=None, master_bits=0, scale1=None,
            scale2=None) -> None:
     """One step of `algorithm` (a name of layout.ALGORITHMS) over the blocks of one segment whose
     params and grads (at the table's addresses) have storage dtype `dtype`. state1, state2: the
-    algorithm's state buffers in declaration order, float32 or bfloat16 (bf16 state, stored
-    rounded stochastically), one shape and dtype, holding each tensor's state from the table's
-    STATE_START on (state2 None for a one-state algorithm); their size against the table is the
-    caller's to keep, as the table lives on the device. stats_partials, if given, float32 [C, B]
-    receives the per-block statistics partials (C = the algorithm's statistics columns).
-    remainder, master_bits: master weights for bfloat16 params (fusedopt/engine/master.py), the
-    masters' low bits laid out like the state, int16 for master_bits 32 and uint8 for 24; None
-    and 0 without them. scale1, scale2 (8-bit state's scales, fusedopt/engine/int8.py) are not
-    in these kernels: anything but None is refused."""
+    algorithm's state buffers in declaration order, float32, bfloat16 (bf16 state, stored
+    rounded stochastically) or uint8 (8-bit state's codes, with scale1 / scale2), one shape and
+    dtype, holding each tensor's state from the table's STATE_START on (state2 None for a
+    one-state algorithm); their size against the table is the caller's to keep, as the table
+    lives on the device. stats_partials, if given, float32 [C, B] receives the per-block
+    statistics partials (C = the algorithm's statistics columns). remainder, master_bits: master
+    weights for bfloat16 params (fusedopt/engine/master.py), the masters' low bits laid out like
+    the state, int16 for master_bits 32 and uint8 for 24; None and 0 without them. scale1,
+    scale2: 8-bit state's group scale bytes (fusedopt/engine/int8.py), uint8, one per
+    int8.GROUP state elements (element e's at e // int8.GROUP); None for fp32 / bf16 state."""
     c = _load()
-    for name, scale in (("scale1", scale1), ("scale2", scale2)):
-        if scale is not None:
-            raise ValueError(f"{name} must be None: the CUDA kernels have no 8-bit state "
-                             "(state_dtype='int8'); use backend='triton' or 'reference'")
     if algorithm not in layout.ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(map(repr, layout.ALGORITHMS))}, "
                          f"got {algorithm!r}")
@@ -308,9 +335,11 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     states, stats = compiled[algorithm]["states"], compiled[algorithm]["stats"]
     code = _storage_dtype(dtype)
     num_blocks, num_tensors = _segment(block_tensor, tensor_table)
-    _check("state1", state1, STATE_DTYPES, 1)
+    int8_state = _check_scales(algorithm, states, state1, scale1, scale2)
+    state_dtypes = (INT8_CODES,) if int8_state else STATE_DTYPES
+    _check("state1", state1, state_dtypes, 1)
     if states == 2:
-        _check("state2", state2, STATE_DTYPES, 1)
+        _check("state2", state2, state_dtypes, 1)
         _shape("state2", state2, tuple(state1.shape))
         if state2.dtype != state1.dtype:
             raise ValueError(f"state2 must have state1's dtype ({_dtype_name(state1.dtype)}), got "
@@ -329,14 +358,16 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     _check("stats_partials", stats_partials, (torch.float32,), 2, optional=True)
     _shape("stats_partials", stats_partials, (stats, num_blocks))
     device = _device(block_tensor=block_tensor, tensor_table=tensor_table, state1=state1,
-                     state2=state2, remainder=remainder, tensor_step=tensor_step, hyper=hyper,
-                     globals_=globals_, stats_partials=stats_partials)
+                     state2=state2, remainder=remainder, scale1=scale1, scale2=scale2,
+                     tensor_step=tensor_step, hyper=hyper, globals_=globals_,
+                     stats_partials=stats_partials)
     index, stream = _launch_context(device)
     c.update(algorithm=algorithm, dtype=code, block_tensor=block_tensor.data_ptr(),
              num_blocks=num_blocks, tensor_table=tensor_table.data_ptr(), num_tensors=num_tensors,
              state1=state1.data_ptr(), state2=_ptr(state2),
-             state_dtype=_DTYPE_CODES[state1.dtype], tensor_step=tensor_step.data_ptr(),
+             state_dtype=_STATE_DTYPE_CODES[state1.dtype], tensor_step=tensor_step.data_ptr(),
              hyper=hyper.data_ptr(), globals=globals_.data_ptr(),
              stats_partials=_ptr(stats_partials),
              stats_stride=_row_stride(stats_partials) if stats_partials is not None else 0,
-             remainder=_ptr(remainder), master_bits=int(master_bits), device=index, stream=stream)
+             remainder=_ptr(remainder), master_bits=int(master_bits), scale1=_ptr(scale1),
+             scale2=_ptr(scale2), device=index, stream=stream)

@@ -36,14 +36,19 @@ def available(name: str) -> bool:
 
 
 # The low-precision tier's options, by the backends that implement them: master weights for
-# bf16 params (fusedopt/engine/master.py) and bf16 state with stochastic rounding
-# (fusedopt/engine/stochastic.py) are in every backend, the kernels doing the specification's
-# integer operations (the Triton update, csrc/update.cu). 'auto' skips a backend missing from a
-# feature's entry, and an explicit one is refused by name (check_features).
+# bf16 params (fusedopt/engine/master.py), bf16 state with stochastic rounding
+# (fusedopt/engine/stochastic.py) and 8-bit state (fusedopt/engine/int8.py) are in every
+# backend, the kernels doing the specifications' integer operations (the Triton update,
+# csrc/update.cu). 'auto' skips a backend missing from a feature's entry, and an explicit one is
+# refused by name (check_features).
 FEATURE_BACKENDS = {"master_weight_bits": ("reference", "triton", "cuda"),
                     "state_dtype='bf16'": ("reference", "triton", "cuda"),
-                    # 8-bit state (fusedopt/engine/int8.py).
-                    "state_dtype='int8'": ("reference", "triton")}
+                    "state_dtype='int8'": ("reference", "triton", "cuda")}
+
+# Kernels that run when asked for by name but that 'auto' does not pick yet: the CUDA 8-bit
+# state passed its CPU and schema tests but has not run on a GPU (bench/NOTES.md, Open), so
+# 'auto' keeps such optimizers on the Triton kernels, which have.
+AUTO_SKIPS = {"state_dtype='int8'": ("cuda",)}
 
 
 def check_features(name: str, needs) -> None:
@@ -65,7 +70,8 @@ def resolve(name: str, device: torch.device, dtypes, needs=()) -> str:
         if device.type != "cuda":
             return "reference"
         for candidate in AUTO_GPU_ORDER:
-            if any(candidate not in FEATURE_BACKENDS[feature] for feature in needs):
+            if any(candidate not in FEATURE_BACKENDS[feature]
+                   or candidate in AUTO_SKIPS.get(feature, ()) for feature in needs):
                 continue
             if available(candidate):
                 name = candidate
