@@ -87,12 +87,11 @@ def group_scale(magnitude_max, code):
     return torch.where(scale >= MIN_SCALE, scale, 0)
 
 
-def encode(value, scale, random, code):
-    """Codes (uint8) of value (fp32, any shape) in groups of scale bytes `scale` (int64, one per
-    element: its group's), rounded with `random` (int64 in [0, 2^round_bits(code)) per element,
-    or nearest(code))."""
+def encode(magnitude, sign, scale, random, code):
+    """Codes (uint8) of the coded values with fp32 magnitude bits `magnitude` and signs `sign`
+    (_magnitude_bits) in groups of scale bytes `scale` (int64, one per element: its group's),
+    rounded with `random` (int64 in [0, 2^round_bits(code)) per element, or nearest(code))."""
     mantissa, dropped = MANTISSA_BITS[code], round_bits(code)
-    magnitude, sign = _magnitude_bits(coded(value, code))
     exponent = magnitude >> 23
     normal = (exponent >= 1) & (exponent - scale + TOP_EXPONENT >= 1)
     in_normal = ((magnitude + random) >> dropped) - ((scale - TOP_EXPONENT) << mantissa)
@@ -130,8 +129,8 @@ def quantize(value, group, num_groups, random, code):
     """(codes, scales) of fp32 values whose elements belong to groups `group` (int64 per
     element, 0 <= group < num_groups): the scales from each group's largest magnitude, then
     encode. Groups without elements get scale 0."""
-    magnitude, _ = _magnitude_bits(coded(value, code))
+    magnitude, sign = _magnitude_bits(coded(value, code))
     largest = torch.zeros(num_groups, dtype=torch.int64, device=value.device)
     largest.scatter_reduce_(0, group.reshape(-1), magnitude.reshape(-1), "amax")
     scales = group_scale(largest, code)
-    return encode(value, scales[group], random, code), scales.to(torch.uint8)
+    return encode(magnitude, sign, scales[group], random, code), scales.to(torch.uint8)
