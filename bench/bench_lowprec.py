@@ -137,6 +137,15 @@ def bytes_per_param(row: Row) -> tuple[float, float, float]:
     return 2, 2 + 4 + 2 * resident, resident
 
 
+# The fusedopt rows' backend on CUDA: "auto" (the CUDA extension where built and the mode is
+# implemented there, else Triton), or "triton" / "cuda" (--backend), set once by main().
+BACKEND = "auto"
+
+
+def fusedopt_backend(device: torch.device) -> str:
+    return BACKEND if device.type == "cuda" else bench_e2e.fusedopt_backend(device)
+
+
 def unavailable(row: Row, device: torch.device) -> tuple[str, str] | None:
     """(status, note) for a row that cannot run here, else None. A fusedopt mode is tried on a
     one-element param: the optimizer's ValueError names what it refuses."""
@@ -151,7 +160,7 @@ def unavailable(row: Row, device: torch.device) -> tuple[str, str] | None:
             import fusedopt
             fusedopt.AdamW([torch.nn.Parameter(torch.zeros(1, dtype=dtype, device=device))],
                            master_weight_bits=row.master_bits, state_dtype=row.state,
-                           backend=bench_e2e.fusedopt_backend(device))
+                           backend=fusedopt_backend(device))
         except (ImportError, ValueError) as e:
             return "unavailable", bench_e2e.first_line(e)
     return None
@@ -163,7 +172,7 @@ def build_optimizer(row: Row, params, device, hyper: dict, max_grad_norm: float)
     if row.kind == "fusedopt":
         import fusedopt
         opt = fusedopt.AdamW(params, **hyper, max_grad_norm=max_grad_norm,
-                             backend=bench_e2e.fusedopt_backend(device),
+                             backend=fusedopt_backend(device),
                              master_weight_bits=row.master_bits, state_dtype=row.state)
         return opt, opt.step
     if row.kind == "torch":
@@ -612,8 +621,10 @@ def environment(device: torch.device, args) -> dict:
         "flashoptim": package_version("flashoptim"), "optimi": package_version("torch-optimi"),
         "git_commit": commit, "git_dirty": dirty, "command": " ".join(sys.argv), "seed": args.seed,
         "parts": args.parts, "rows": args.rows,
-        "notes": ["fusedopt runs backend='auto' on CUDA (the CUDA extension where built and the mode "
-                  "is implemented there, else Triton; each row names the one it got), 'reference' on the CPU",
+        "backend": args.backend,
+        "notes": [f"fusedopt runs backend={args.backend!r} on CUDA ('auto': the CUDA extension where "
+                  "built and the mode is implemented there, else Triton; each row names the one it "
+                  "got), 'reference' on the CPU",
                   "torch and the peers clip with clip_grad_norm_ before their step; fusedopt clips "
                   "inside it"],
     }
@@ -647,6 +658,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="results folder; default bench/results")
     ap.add_argument("--name", default=None, help="results file stem; default lowprec_<device>")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda"),
+                    help="the fusedopt rows' kernel backend on CUDA")
     ap.add_argument("--time-budget-s", type=float, default=0.0,
                     help="start no row after this much wall time (0: no limit)")
     ap.add_argument("--row-min-s", type=float, default=15.0,
@@ -671,7 +684,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    global BACKEND
     args = parse_args(argv)
+    BACKEND = args.backend
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but torch sees no CUDA device", file=sys.stderr)
