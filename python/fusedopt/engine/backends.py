@@ -45,11 +45,6 @@ FEATURE_BACKENDS = {"master_weight_bits": ("reference", "triton", "cuda"),
                     "state_dtype='bf16'": ("reference", "triton", "cuda"),
                     "state_dtype='int8'": ("reference", "triton", "cuda")}
 
-# Kernels that run when asked for by name but that 'auto' does not pick yet: the CUDA 8-bit
-# state passed its CPU and schema tests but has not run on a GPU (bench/NOTES.md, Open), so
-# 'auto' keeps such optimizers on the Triton kernels, which have.
-AUTO_SKIPS = {"state_dtype='int8'": ("cuda",)}
-
 
 def check_features(name: str, needs) -> None:
     """Refuse an explicit backend that lacks a feature the optimizer was asked for."""
@@ -70,8 +65,7 @@ def resolve(name: str, device: torch.device, dtypes, needs=()) -> str:
         if device.type != "cuda":
             return "reference"
         for candidate in AUTO_GPU_ORDER:
-            if any(candidate not in FEATURE_BACKENDS[feature]
-                   or candidate in AUTO_SKIPS.get(feature, ()) for feature in needs):
+            if any(candidate not in FEATURE_BACKENDS[feature] for feature in needs):
                 continue
             if available(candidate):
                 name = candidate
