@@ -386,7 +386,7 @@ class Int8Segment(TierSegment):
         step = int(self.step[t].item())
         stored = {}
         for i, (value, code) in enumerate(zip(states, self.codes)):
-            random = stochastic.hash32(step, index, i + 1) & ((1 << int8.round_bits(code)) - 1)
+            random = int8.random_offsets(stochastic.random16(step, index, i + 1), code)
             # On the device: its sqrt is IEEE's, as the kernel's (torch's CPU sqrt was 1 ulp off
             # for 1 value in ~6000, expected_step).
             c, b = int8.quantize(value.to(self.device), groups.to(self.device), count,

@@ -35,6 +35,7 @@ SCALE = tl.constexpr(layout.SCALE)
 INT8_GROUP = tl.constexpr(int8.GROUP)
 INT8_TOP_EXPONENT = tl.constexpr(int8.TOP_EXPONENT)
 INT8_MIN_SCALE = tl.constexpr(int8.MIN_SCALE)
+INT8_SPLIT = tl.constexpr(int8.SPLIT)
 INT8_SIGNED_MANTISSA = tl.constexpr(int8.MANTISSA_BITS["signed"])
 INT8_SQRT_MANTISSA = tl.constexpr(int8.MANTISSA_BITS["sqrt"])
 

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from .algorithms import REGISTRY
 from .layout import (BLOCK, CLIP_COEF, FOUND_INF, GRAD_ADDR, GROUP, HYPER_COLUMNS, INT8_GROUP,
-                     INT8_MIN_SCALE, INT8_SIGNED_MANTISSA, INT8_SQRT_MANTISSA, INT8_TOP_EXPONENT,
+                     INT8_MIN_SCALE, INT8_SIGNED_MANTISSA, INT8_SPLIT, INT8_SQRT_MANTISSA,
+                     INT8_TOP_EXPONENT,
                      INV_SCALE, NUMEL, PARAM_ADDR, BLOCK_START, STATE_ALIGN, STATE_START)
 
 
@@ -41,44 +42,36 @@ def _store(ptr, offsets, value, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _combine_master(p, remainder, MASTER_BITS: tl.constexpr):
-    """The fp32 master of a bf16 param (loaded as fp32) and its remainder; the bit operations of
-    fusedopt/engine/master.py, combine."""
-    p_bits = p.to(tl.int32, bitcast=True)
+    """The fp32 master of a bf16 param (loaded as fp32) and its remainder: the param's bits plus
+    the remainder sign-extended (fusedopt/engine/master.py, combine)."""
     if MASTER_BITS == 32:
-        low = remainder.to(tl.int32) & 0xFFFF
+        offset = remainder.to(tl.int32)
     else:
-        low = remainder.to(tl.int32) << 8
-    carry = (low >= 0x8000).to(tl.int32) << 16
-    master = (p_bits & -0x80000000) | (((p_bits & 0x7FFF0000) - carry) + low)
-    return master.to(tl.float32, bitcast=True)
+        offset = remainder.to(tl.int8, bitcast=True).to(tl.int32) << 8
+    return (p.to(tl.int32, bitcast=True) + offset).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _split_master(master, MASTER_BITS: tl.constexpr):
     """(bf16 param, remainder) of an fp32 master: fusedopt/engine/master.py, split (bf16 to
     nearest with ties away from zero, which the remainder can be decoded against)."""
-    bits = master.to(tl.int32, bitcast=True)
-    sign = bits & -0x80000000
-    magnitude = bits & 0x7FFFFFFF
+    x = master.to(tl.int32, bitcast=True)
     if MASTER_BITS == 24:
-        magnitude = (magnitude + 0x80) & -0x100
-    low = magnitude & 0xFFFF
-    carry = (low >= 0x8000).to(tl.int32) << 16
-    high = sign | ((magnitude & 0x7FFF0000) + carry)
-    param = (high >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        x = (x + 0x80) & -0x100
+    param = ((x + 0x8000) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     if MASTER_BITS == 32:
-        remainder = (low - ((low >> 15) << 16)).to(tl.int16)
+        remainder = x.to(tl.int16)
     else:
-        remainder = (low >> 8).to(tl.uint8)
+        remainder = (x >> 8).to(tl.uint8)
     return param, remainder
 
 
 @triton.jit
-def _hash32(step, index, STREAM: tl.constexpr):
-    """32 random bits per element: fusedopt/engine/stochastic.py, hash32 (uint32 wraps)."""
-    key: tl.constexpr = (STREAM * 0xC2B2AE3D) & 0xFFFFFFFF
+def _hash32(step, index):
+    """32 random bits per element: fusedopt/engine/stochastic.py, hash32 (uint32 wraps). One
+    hash serves both states: state1 rounds with its low 16 bits, state2 with its high 16."""
     h = index.to(tl.uint32) * 0x9E3779B1
-    h = h ^ (step.to(tl.uint32) * 0x85EBCA77 + key)
+    h = h ^ (step.to(tl.uint32) * 0x85EBCA77)
     h = h ^ (h >> 16)
     h = h * 0x7FEB352D
     h = h ^ (h >> 15)
@@ -87,9 +80,19 @@ def _hash32(step, index, STREAM: tl.constexpr):
 
 
 @triton.jit
-def _stochastic_bf16(value, step, index, STREAM: tl.constexpr):
+def _random16(h, STREAM: tl.constexpr):
+    """State STREAM's 16 random bits of the element's hash: fusedopt/engine/stochastic.py,
+    random16."""
+    if STREAM == 1:
+        return h & 0xFFFF
+    else:
+        return h >> 16
+
+
+@triton.jit
+def _stochastic_bf16(value, random16):
     """fp32 -> bf16, rounded stochastically: fusedopt/engine/stochastic.py, to_bf16."""
-    bits = value.to(tl.uint32, bitcast=True) + (_hash32(step, index, STREAM) & 0xFFFF)
+    bits = value.to(tl.uint32, bitcast=True) + random16
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
@@ -102,84 +105,90 @@ def _int8_mantissa(SQRT: tl.constexpr):
 
 
 @triton.jit
+def _per_element(group_value):
+    """A block's per-group values [BLOCK // INT8_GROUP] broadcast to its elements [BLOCK]. Each
+    thread holds whole groups (8 consecutive elements a thread, 4 threads a group), so this
+    moves no data: a group's value is computed once per thread."""
+    groups: tl.constexpr = BLOCK // INT8_GROUP
+    return tl.reshape(tl.broadcast_to(group_value[:, None], [groups, INT8_GROUP]), [BLOCK])
+
+
+@triton.jit
+def _power_of_two(exponent, zero):
+    """fp32 2^exponent (normal range) per group, 0 for a group stored as zeros."""
+    return tl.where(zero, 0.0, ((exponent + 127) << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _decode8(codes, scale, SQRT: tl.constexpr):
-    """fp32 values of 8-bit codes and their groups' scale bytes: fusedopt/engine/int8.py,
-    decode."""
+    """fp32 values of a block's 8-bit codes and its groups' scale bytes [BLOCK // INT8_GROUP]:
+    fusedopt/engine/int8.py, decode (the code's bits in an fp32's place, times 2^(s - 7))."""
     mantissa = _int8_mantissa(SQRT)
-    c = codes.to(tl.int32)
-    magnitude = c
-    if not SQRT:
-        magnitude = c & 0x7F
-    e = magnitude >> mantissa
-    f = magnitude & ((1 << mantissa) - 1)
-    significand = tl.where(e >= 1, f + (1 << mantissa), f)
-    unit_field = tl.maximum(tl.maximum(e, 1) - INT8_TOP_EXPONENT - mantissa + scale.to(tl.int32),
-                            0)
-    value = significand.to(tl.float32) * (unit_field << 23).to(tl.float32, bitcast=True)
+    s = scale.to(tl.int32)
+    factor = _per_element(_power_of_two(s - INT8_TOP_EXPONENT - INT8_SPLIT, s == 0))
+    if SQRT:
+        bits = codes.to(tl.int32) << (23 - mantissa)
+    else:
+        # Sign-extended, the code's sign bit fills bits 31 to 30 - mantissa once shifted: the
+        # mask keeps bit 31 and the 7 magnitude bits below.
+        signed = codes.to(tl.int8, bitcast=True).to(tl.int32) << (23 - mantissa)
+        bits = signed & (-0x80000000 | (0x7F << (23 - mantissa)))
+    value = (bits.to(tl.float32, bitcast=True) * (2.0 ** INT8_SPLIT)) * factor
     if SQRT:
         value = value * value
-    else:
-        value = tl.where((c & 0x80) != 0, -value, value)
     return value
 
 
 @triton.jit
-def _encode8(value, step, index, mask, STREAM: tl.constexpr, SQRT: tl.constexpr,
-             MASKED: tl.constexpr):
-    """(codes, group scale bytes) of a block's fp32 values, rounded stochastically:
-    fusedopt/engine/int8.py, quantize, with the random bits of (step, index, STREAM)."""
+def _encode8(value, random16, mask, SQRT: tl.constexpr, MASKED: tl.constexpr):
+    """(codes, group scale bytes) of a block's fp32 values, rounded stochastically with 16 random
+    bits per element: fusedopt/engine/int8.py, quantize (each value times 2^(7 - s), its fp32
+    bits less the dropped ones)."""
     mantissa = _int8_mantissa(SQRT)
-    dropped = 23 - mantissa
+    dropped: tl.constexpr = 23 - mantissa
     x = value
     if SQRT:
         x = tl.sqrt_rn(value)
-    bits = x.to(tl.int32, bitcast=True)
-    magnitude = bits & 0x7FFFFFFF
+    magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     if MASKED:
         magnitude = tl.where(mask, magnitude, 0)
     groups: tl.constexpr = BLOCK // INT8_GROUP
     largest = tl.max(tl.reshape(magnitude, [groups, INT8_GROUP]), axis=1)
-    group_scale = (largest + ((1 << dropped) - 1)) >> 23
-    group_scale = tl.where(group_scale >= INT8_MIN_SCALE, group_scale, 0)
-    scale = tl.reshape(tl.broadcast_to(group_scale[:, None], [groups, INT8_GROUP]), [BLOCK])
-    random = (_hash32(step, index, STREAM) & ((1 << dropped) - 1)).to(tl.int32)
-    exponent = magnitude >> 23
-    normal = (exponent >= 1) & (exponent - scale + INT8_TOP_EXPONENT >= 1)
-    in_normal = ((magnitude + random) >> dropped) - ((scale - INT8_TOP_EXPONENT) << mantissa)
-    significand = (magnitude & 0x7FFFFF) | tl.where(exponent > 0, 0x800000, 0)
-    shift = tl.minimum(tl.maximum(scale - INT8_TOP_EXPONENT + 1 - tl.maximum(exponent, 1), 0), 31)
-    in_linear = ((significand >> shift) + random) >> dropped
-    code = tl.where(normal, in_normal, in_linear)
+    scale = (largest + ((1 << dropped) - 1)) >> 23
+    zero = scale < INT8_MIN_SCALE
+    scale = tl.where(zero, 0, scale)
+    inverse = _per_element(_power_of_two(-(scale - INT8_TOP_EXPONENT - INT8_SPLIT), zero))
+    bits = ((x * inverse) * (2.0 ** -INT8_SPLIT)).to(tl.int32, bitcast=True)
+    code = ((bits & 0x7FFFFFFF) + (random16.to(tl.int32) << (dropped - 16))) >> dropped
     if SQRT:
-        code = tl.where(magnitude > 0, tl.maximum(code, 1), 0)
-    code = tl.where(scale == 0, 0, code)
-    if not SQRT:
-        code = code | tl.where((code > 0) & (bits < 0), 0x80, 0)
-    return code.to(tl.uint8), group_scale.to(tl.uint8)
+        code = tl.maximum(code, (x != 0).to(tl.int32))
+    else:
+        code = code | ((bits >> 24) & 0x80)
+    return code.to(tl.uint8), scale.to(tl.uint8)
 
 
 @triton.jit
-def _load_state(ptr, scale_ptr, offsets, mask, SQRT: tl.constexpr, STATE_INT8: tl.constexpr,
-                MASKED: tl.constexpr):
+def _load_state(ptr, scale_ptr, offsets, mask, group_mask, SQRT: tl.constexpr,
+                STATE_INT8: tl.constexpr, MASKED: tl.constexpr):
     """A state as fp32: widened from fp32 / bf16 storage, or decoded from 8-bit codes."""
     value = _load(ptr, offsets, mask, MASKED)
     if STATE_INT8:
-        return _decode8(value, _load(scale_ptr, offsets // INT8_GROUP, mask, MASKED), SQRT)
+        scale = _load(scale_ptr, tl.arange(0, BLOCK // INT8_GROUP), group_mask, MASKED)
+        return _decode8(value, scale, SQRT)
     else:
         return value.to(tl.float32)
 
 
 @triton.jit
-def _store_state(ptr, scale_ptr, offsets, value, mask, group_mask, step, index,
-                 STREAM: tl.constexpr, SQRT: tl.constexpr, STATE_BF16: tl.constexpr,
-                 STATE_INT8: tl.constexpr, MASKED: tl.constexpr):
+def _store_state(ptr, scale_ptr, offsets, value, mask, group_mask, random16, SQRT: tl.constexpr,
+                 STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr, MASKED: tl.constexpr):
     if STATE_INT8:
-        codes, scales = _encode8(value, step, index, mask, STREAM, SQRT, MASKED)
+        codes, scales = _encode8(value, random16, mask, SQRT, MASKED)
         _store(ptr, offsets, codes, mask, MASKED)
         _store(scale_ptr, tl.arange(0, BLOCK // INT8_GROUP), scales, group_mask, MASKED)
     else:
         if STATE_BF16:
-            value = _stochastic_bf16(value, step, index, STREAM)
+            value = _stochastic_bf16(value, random16)
         _store(ptr, offsets, value, mask, MASKED)
 
 
@@ -224,19 +233,22 @@ def _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_el
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
     s2 = tl.zeros([BLOCK], dtype=tl.float32)
     if uses_state:
-        s1 = _load_state(state1, scale1, offsets, mask, SQRT1, STATE_INT8, MASKED)
+        s1 = _load_state(state1, scale1, offsets, mask, group_mask, SQRT1, STATE_INT8, MASKED)
         if NUM_STATES > 1:
-            s2 = _load_state(state2, scale2, offsets, mask, SQRT2, STATE_INT8, MASKED)
+            s2 = _load_state(state2, scale2, offsets, mask, group_mask, SQRT2, STATE_INT8,
+                             MASKED)
     # With master weights the update stays in fp32 (no rounding to the param's dtype): the
     # split below keeps it whole (32 bits) or rounds it to 24.
     p_new, s1, s2, c0, c1, c2, c3, c4, c5 = ALGO_UPDATE(
         p, g, s1, s2, row, step, mask, tl.float32 if MASTER_BITS > 0 else DTYPE, MASKED, STATS)
     if uses_state:
-        index = state_element + offsets
+        h = tl.zeros([BLOCK], dtype=tl.uint32)
+        if STATE_BF16 or STATE_INT8:
+            h = _hash32(step, state_element + offsets)
         if NUM_STATES > 1:
-            _store_state(state2, scale2, offsets, s2, mask, group_mask, step, index, 2, SQRT2,
+            _store_state(state2, scale2, offsets, s2, mask, group_mask, _random16(h, 2), SQRT2,
                          STATE_BF16, STATE_INT8, MASKED)
-        _store_state(state1, scale1, offsets, s1, mask, group_mask, step, index, 1, SQRT1,
+        _store_state(state1, scale1, offsets, s1, mask, group_mask, _random16(h, 1), SQRT1,
                      STATE_BF16, STATE_INT8, MASKED)
     if MASTER_BITS > 0:
         p_store, r_new = _split_master(p_new, MASTER_BITS)
@@ -296,9 +308,11 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
             s1 = tl.zeros([BLOCK], dtype=tl.float32)
             s2 = tl.zeros([BLOCK], dtype=tl.float32)
             if ALGO_USES_STATE(row):
-                s1 = _load_state(state1, scale1, offsets, mask, SQRT1, STATE_INT8, True)
+                s1 = _load_state(state1, scale1, offsets, mask, group_mask, SQRT1, STATE_INT8,
+                                 True)
                 if NUM_STATES > 1:
-                    s2 = _load_state(state2, scale2, offsets, mask, SQRT2, STATE_INT8, True)
+                    s2 = _load_state(state2, scale2, offsets, mask, group_mask, SQRT2,
+                                     STATE_INT8, True)
             c0, c1, c2, c3, c4, c5 = ALGO_OBSERVE(p, s1, s2, row, step, mask)
             _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
     elif (first + BLOCK <= numel) & (param_addr % 16 == 0) & (grad_addr % 16 == 0):

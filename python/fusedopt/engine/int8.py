@@ -28,19 +28,30 @@ Two formats, by what the state holds (each algorithm names its states' formats, 
   bits, 14% with 5), while m's (beta1 = 0.9) fades within ~10 steps.
 A group whose maximum is below 2^(MIN_SCALE - 127) (about 2.5e-29) is stored as zeros (s = 0).
 
-Rounding is stochastic, as for bf16 state (fusedopt/engine/stochastic.py, the same hash of
-(step, element index, state)): random bits are added below the kept bits before they are
-dropped, which makes each stored value an unbiased estimate of the fp32 value; round to nearest
-would hold every moment whose per-step change is under half a code step (v's 0.1% a step with
-beta2 = 0.999, against steps of 3-6%). Loading a checkpoint rounds to nearest (nearest()).
-Values that are codes already encode to themselves, so decoded state saved and loaded again
-decodes to the same values bit for bit (the scale byte may come out one lower when the group's
-largest element had rounded down: the same values, coded one octave lower).
+The code's bits are an fp32's: a code's value divided by 2^(s - 7) is a tiny fp32 whose
+exponent field is e and whose mantissa starts with f, and the linear range is fp32's own
+subnormal range. So decoding shifts the code's bits into an fp32's place and multiplies by
+2^(s - 7); encoding multiplies by 2^(7 - s) and keeps the top bits. Both multiplies are exact
+(by powers of two, and no result leaves the normal range except the encoded elements below the
+code's smallest step, which round to 0 either way); 2^(s - 7) spans more than fp32's exponent
+range, so each is taken as two factors, 2^SPLIT and the group's own. Every backend does these
+IEEE multiplies and integer operations, so all store the same bytes for the same fp32 values.
+The kernels are bound by instruction issue in this mode, and this way a code costs two fp32
+multiplies and a few integer operations each way.
 
-Everything is integer arithmetic on the fp32 bits and an exact multiply by a power of two, so
-every backend gives the same bytes for the same fp32 values. This module is the specification:
-the reference step uses it, and triton_kernels/update.py (_encode8 / _decode8) does the same
-operations.
+Rounding is stochastic, as for bf16 state (fusedopt/engine/stochastic.py, the same 16 random
+bits of (step, element index, state)): the random bits are added at the top of the bits a code
+drops, before they are dropped, which makes each stored value an unbiased estimate of the fp32
+value (to 2^-16 of a code step); round to nearest would hold every moment whose per-step change
+is under half a code step (v's 0.1% a step with beta2 = 0.999, against steps of 3-6%). A
+negative first moment that rounds to 0 keeps its sign (code 0x80, decoded as -0.0): the sign
+bit is the value's, whatever the magnitude code. Loading a checkpoint rounds to nearest
+(nearest()). Values that are codes already encode to themselves, so decoded state saved and
+loaded again decodes to the same values bit for bit (the scale byte may come out one lower when
+the group's largest element had rounded down: the same values, coded one octave lower).
+
+This module is the specification: the reference step uses it, and triton_kernels/update.py
+(_encode8 / _decode8) and csrc/common.cuh (Int8Code) do the same operations.
 """
 from __future__ import annotations
 
@@ -52,6 +63,9 @@ TOP_EXPONENT = (1 << EXPONENT_BITS) - 1
 MANTISSA_BITS = {"signed": 4, "sqrt": 5}
 SIGN_BIT = 0x80
 MIN_SCALE = 32
+# 2^(s - 7) = 2^SPLIT * 2^(s - 7 - SPLIT): with s in [MIN_SCALE, 255] both factors of either
+# direction (2^(s - 131), 2^(131 - s), 2^+-124) are normal fp32 numbers.
+SPLIT = 124
 
 
 def round_bits(code):
@@ -69,12 +83,6 @@ def top_code(code):
     return (1 << (EXPONENT_BITS + MANTISSA_BITS[code])) - 1
 
 
-def _magnitude_bits(value):
-    """|value|'s fp32 bits (int64) and its sign (0 or 1)."""
-    bits = value.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return bits & 0x7FFFFFFF, bits >> 31
-
-
 def coded(value, code):
     """The quantity a format codes: sqrt(v) for "sqrt", the value itself for "signed"."""
     return value.float().sqrt() if code == "sqrt" else value.float()
@@ -87,50 +95,54 @@ def group_scale(magnitude_max, code):
     return torch.where(scale >= MIN_SCALE, scale, 0)
 
 
-def encode(magnitude, sign, scale, random, code):
-    """Codes (uint8) of the coded values with fp32 magnitude bits `magnitude` and signs `sign`
-    (_magnitude_bits) in groups of scale bytes `scale` (int64, one per element: its group's),
-    rounded with `random` (int64 in [0, 2^round_bits(code)) per element, or nearest(code))."""
-    mantissa, dropped = MANTISSA_BITS[code], round_bits(code)
-    exponent = magnitude >> 23
-    normal = (exponent >= 1) & (exponent - scale + TOP_EXPONENT >= 1)
-    in_normal = ((magnitude + random) >> dropped) - ((scale - TOP_EXPONENT) << mantissa)
-    significand = (magnitude & 0x7FFFFF) | torch.where(exponent > 0, 0x800000, 0)
-    shift = (scale - TOP_EXPONENT + 1 - exponent.clamp(min=1)).clamp(0, 31)
-    in_linear = ((significand >> shift) + random) >> dropped
-    result = torch.where(normal, in_normal, in_linear)
+def random_offsets(random16, code):
+    """The offsets stochastic rounding adds: 16 random bits per element (stochastic.random16)
+    at the top of the round_bits(code) bits a code drops."""
+    return random16 << (round_bits(code) - 16)
+
+
+def _power_of_two(exponent, scale):
+    """fp32 2^exponent (int64 per element, normal range) where scale != 0, else 0."""
+    bits = ((exponent + 127) << 23).to(torch.int32).view(torch.float32)
+    return torch.where(scale != 0, bits, 0.0)
+
+
+def encode(value, scale, random, code):
+    """Codes (uint8) of fp32 coded values (coded()) in groups of scale bytes `scale` (int64, one
+    per element: its group's), rounded with `random` (int64 in [0, 2^round_bits(code)) per
+    element: random_offsets, or nearest(code)): value * 2^(7 - s) in fp32, whose bits less
+    the dropped ones are the code."""
+    tiny = (value.float() * _power_of_two(TOP_EXPONENT + SPLIT - scale, scale)) * 2.0 ** -SPLIT
+    bits = tiny.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    result = ((bits & 0x7FFFFFFF) + random) >> round_bits(code)
     if code == "sqrt":
-        result = torch.where(magnitude > 0, result.clamp(min=1), 0)
-    result = torch.where(scale == 0, 0, result)
-    if code == "signed":
-        result = result | torch.where(result > 0, sign << 7, 0)
-    return result.to(torch.uint8)
+        # sqrt(v) >= 2^-75 for any nonzero fp32 v, so its group has a scale (>= 52): the
+        # smallest code, not 0.
+        return torch.maximum(result, (value != 0).long()).to(torch.uint8)
+    return (result | ((bits >> 31) << 7)).to(torch.uint8)
 
 
 def decode(codes, scale, code):
-    """fp32 values of codes (uint8) with their groups' scale bytes (int64 per element)."""
+    """fp32 values of codes (uint8) with their groups' scale bytes (int64 per element): the code's
+    bits in an fp32's place, times 2^(s - 7); 0 in a group stored as zeros (scale 0)."""
     mantissa = MANTISSA_BITS[code]
     c = codes.to(torch.int64)
-    magnitude_code = c & ~SIGN_BIT if code == "signed" else c
-    e = magnitude_code >> mantissa
-    f = magnitude_code & ((1 << mantissa) - 1)
-    significand = torch.where(e >= 1, f + (1 << mantissa), f)
-    # The weight of the significand's unit, built from its exponent field (>= 21 for a group
-    # above MIN_SCALE; 0, the float 0, for a group stored as zeros).
-    unit_field = (e.clamp(min=1) - TOP_EXPONENT - mantissa + scale).clamp(min=0)
-    unit = (unit_field << 23).to(torch.int32).view(torch.float32)
-    value = significand.to(torch.float32) * unit
-    if code == "sqrt":
-        return value * value
-    return torch.where((c & SIGN_BIT) != 0, -value, value)
+    if code == "signed":
+        bits = ((c & SIGN_BIT) << 24) | ((c & ~SIGN_BIT) << (23 - mantissa))
+    else:
+        bits = c << (23 - mantissa)
+    tiny = bits.to(torch.int32).view(torch.float32)
+    value = (tiny * 2.0 ** SPLIT) * _power_of_two(scale - TOP_EXPONENT - SPLIT, scale)
+    return value * value if code == "sqrt" else value
 
 
 def quantize(value, group, num_groups, random, code):
     """(codes, scales) of fp32 values whose elements belong to groups `group` (int64 per
     element, 0 <= group < num_groups): the scales from each group's largest magnitude, then
     encode. Groups without elements get scale 0."""
-    magnitude, sign = _magnitude_bits(coded(value, code))
+    x = coded(value, code)
+    magnitude = x.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
     largest = torch.zeros(num_groups, dtype=torch.int64, device=value.device)
     largest.scatter_reduce_(0, group.reshape(-1), magnitude.reshape(-1), "amax")
     scales = group_scale(largest, code)
-    return encode(magnitude, sign, scales[group], random, code), scales.to(torch.uint8)
+    return encode(x, scales[group], random, code), scales.to(torch.uint8)

@@ -15,10 +15,16 @@ decoded: for an even bf16 value p, both p + half an ulp (rounded down) and p - h
 not tell them apart. With ties away from zero, low bits >= 0x8000 always mean "rounded up", and
 p and the remainder give m back bit for bit.
 
-Bit layout (on the magnitude, sign-magnitude like the floats themselves):
-  low  = m_bits & 0xFFFF               (24 bits: m rounded at bit 8 first, ties away from zero)
-  p    = sign | ((m_bits & 0x7FFF0000) + (low >= 0x8000 ? 0x10000 : 0)), as bf16
-  back = sign | ((p_bits & 0x7FFF0000) - (low >= 0x8000 ? 0x10000 : 0) + low)
+Bit layout: the master's fp32 bits x as an int32 word (sign bit on top). Adding to the word
+adds to the magnitude, whatever the sign, as long as the magnitude neither crosses 0 nor
+reaches the sign bit; the operations below never do for finite values.
+  split:    x24  = (x + 0x80) & ~0xFF                 (24 bits: rounded at bit 8, ties away)
+            p    = (x + 0x8000) >> 16                 (bf16 bits, ties away from zero)
+            rem  = x & 0xFFFF as int16 (32) | (x24 >> 8) & 0xFF as uint8 (24)
+  combine:  x    = (p << 16) + rem                    (rem sign-extended: int16, or the uint8
+                                                       read as int8, shifted left by 8)
+The remainder is x's low bits taken as a signed offset from p: a param that was rounded up has
+low bits >= 0x8000, i.e. a negative remainder, and p - |rem| is the master again.
 
 This module is the specification: the reference step uses it, and the Triton kernel does the
 same integer operations (triton_kernels/update.py, _combine_master / _split_master).
@@ -32,42 +38,31 @@ BITS = (24, 32)
 # bits 8-15 as uint8.
 REMAINDER_DTYPES = {32: torch.int16, 24: torch.uint8}
 
-_SIGN = -0x80000000  # 0x80000000 as an int32
-_MAGNITUDE = 0x7FFFFFFF
-_HIGH = 0x7FFF0000
 _HALF = 0x8000
 
 
-def _low16(remainder, bits):
-    """The master's low 16 bits (int32, 0..0xFFFF) from a stored remainder."""
-    low = remainder.to(torch.int32)
+def _offset(remainder, bits):
+    """The master's signed offset from its param (int32): the remainder sign-extended."""
     if bits == 32:
-        return low & 0xFFFF
-    return low << 8
+        return remainder.view(torch.int16).to(torch.int32)
+    return remainder.view(torch.int8).to(torch.int32) << 8
 
 
 def combine(param, remainder, bits):
     """The fp32 master value of a bf16 param and its remainder."""
-    p_bits = param.float().view(torch.int32)
-    low = _low16(remainder, bits)
-    carry = (low >= _HALF).to(torch.int32) << 16
-    master = (p_bits & _SIGN) | (((p_bits & _HIGH) - carry) + low)
-    return master.view(torch.float32)
+    return (param.float().view(torch.int32) + _offset(remainder, bits)).view(torch.float32)
 
 
 def split(master, bits):
     """(bf16 param, remainder) of an fp32 master value; for 24 bits the master is first rounded
     to 24 bits (nearest, ties away from zero)."""
-    m_bits = master.float().contiguous().view(torch.int32)
-    sign, magnitude = m_bits & _SIGN, m_bits & _MAGNITUDE
+    x = master.float().contiguous().view(torch.int32)
     if bits == 24:
-        magnitude = (magnitude + 0x80) & ~0xFF
-    low = magnitude & 0xFFFF
-    carry = (low >= _HALF).to(torch.int32) << 16
-    param = (sign | ((magnitude & _HIGH) + carry)).view(torch.float32).to(torch.bfloat16)
+        x = (x + 0x80) & ~0xFF
+    high = (x + _HALF) >> 16
+    param = (high << 16).view(torch.float32).to(torch.bfloat16)
     if bits == 32:
-        remainder = (low - ((low >> 15) << 16)).to(torch.int16)
+        remainder = x.to(torch.int16)
     else:
-        remainder = (low >> 8).to(torch.uint8)
+        remainder = (x >> 8).to(torch.uint8)
     return param, remainder
-

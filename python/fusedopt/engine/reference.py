@@ -111,16 +111,16 @@ class ReferenceTensor:
 
     def store_state(self, values):
         """Round updated fp32 state copies into bf16 or 8-bit storage, stochastically with the
-        random bits of (step, state_index, stream): streams 1, 2 in declaration order, as the
-        kernels' state1, state2."""
+        random bits of (step, state_index, stream): streams 1, 2 (the hash's low and high 16 bits)
+        in declaration order, as the kernels' state1, state2."""
         for stream, (name, value) in enumerate(values.items(), start=1):
             if self.scales is None:
                 self.state[name].copy_(stochastic.to_bf16(value, self.step, self.state_index,
                                                           stream))
                 continue
             code = self.state_codes[name]
-            random = stochastic.hash32(self.step, self.state_index, stream) & (
-                (1 << int8.round_bits(code)) - 1)
+            random = int8.random_offsets(
+                stochastic.random16(self.step, self.state_index, stream), code)
             codes, scales = int8.quantize(value, self.state_groups, self.scales[name].numel(),
                                           random, code)
             self.state[name].copy_(codes)

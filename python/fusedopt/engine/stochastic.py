@@ -6,16 +6,19 @@ would stall. Rounded stochastically, up with probability equal to the discarded 
 is unbiased: E[stored] = the fp32 value, and the moments track their fp32 counterparts with an
 error that averages out over steps.
 
-The random bits are a hash of (step, element index in the segment's state buffer, which state)
-rather than a generator's stream: the same inputs give the same bits on every backend and every
-run, nothing is kept between steps, and a CUDA graph replays correctly (the step count is read
-on the device). The hash is Chris Wellons' lowbias32 (a 32-bit integer finalizer), all
-arithmetic mod 2^32:
-  h = (index * 0x9E3779B1) ^ (step * 0x85EBCA77 + stream * 0xC2B2AE3D)
+The random bits are a hash of (step, element index in the segment's state buffer) rather than a
+generator's stream: the same inputs give the same bits on every backend and every run, nothing
+is kept between steps, and a CUDA graph replays correctly (the step count is read on the
+device). The hash is Chris Wellons' lowbias32 (a 32-bit integer finalizer), all arithmetic mod
+2^32:
+  h = (index * 0x9E3779B1) ^ (step * 0x85EBCA77)
   h ^= h >> 16; h *= 0x7FEB352D; h ^= h >> 15; h *= 0x846CA68B; h ^= h >> 16
-For bf16 state the low 16 bits of h are added to the fp32 value's bits and the low half is
-dropped (on the magnitude: the same in both directions for negative values); 8-bit state
-(fusedopt/engine/int8.py) takes h's low 19 bits the same way.
+One hash serves both states of an element: the first state (stream 1) takes h's low 16 bits,
+the second (stream 2) its high 16. The kernels are bound by integer issue, not memory, in these
+modes, and a second hash per element cost ~10 integer operations of ~100. For bf16 state the
+16 bits are added to the fp32 value's bits and the low half is dropped (on the magnitude: the
+same in both directions for negative values); 8-bit state (fusedopt/engine/int8.py) adds them
+at the top of the bits it drops (a rounding biased by at most 2^-16 of a code step).
 
 This module is the specification; triton_kernels/update.py (_hash32, _stochastic_bf16) does
 the same integer operations.
@@ -27,10 +30,10 @@ import torch
 MASK32 = 0xFFFFFFFF
 
 
-def hash32(step: int, index: torch.Tensor, stream: int) -> torch.Tensor:
-    """32 random bits (int64 0..2^32-1) per element index for one step and state stream."""
+def hash32(step: int, index: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int64 0..2^32-1) per element index for one step."""
     h = (index & MASK32) * 0x9E3779B1 & MASK32
-    h = h ^ ((step * 0x85EBCA77 + stream * 0xC2B2AE3D) & MASK32)
+    h = h ^ ((step * 0x85EBCA77) & MASK32)
     h = h ^ (h >> 16)
     h = h * 0x7FEB352D & MASK32
     h = h ^ (h >> 15)
@@ -38,9 +41,16 @@ def hash32(step: int, index: torch.Tensor, stream: int) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+STREAMS = (1, 2)
+
+
 def random16(step: int, index: torch.Tensor, stream: int) -> torch.Tensor:
-    """16 random bits (int64 0..0xFFFF) per element index for one step and state stream."""
-    return hash32(step, index, stream) & 0xFFFF
+    """16 random bits (int64 0..0xFFFF) per element index for one step and state stream: the low
+    (stream 1) or high (stream 2) half of the element's hash."""
+    if stream not in STREAMS:
+        raise ValueError(f"stream must be one of {STREAMS}, got {stream}")
+    h = hash32(step, index)
+    return h & 0xFFFF if stream == 1 else h >> 16
 
 
 def to_bf16(value: torch.Tensor, step: int, index: torch.Tensor, stream: int) -> torch.Tensor:
