@@ -249,6 +249,32 @@ def measure_step(row: Row, shape: str, device, timing_args, copy_gbps) -> dict:
     return out
 
 
+def profile_main(args, device) -> int:
+    """Under `ncu --profile-from-start off`: one step of each --rows step row at LLaMA-1.1B bf16
+    shapes between cudaProfilerStart and Stop, after two unprofiled ones (Triton compiles,
+    state is created), so the report holds the rows' own kernels only."""
+    shapes = bench_step.SHAPES["llama_1b"]()
+    for name in (r for r in STEP_ROWS if r in args.rows):
+        row = ROWS[name]
+        why = unavailable(row, device)
+        if why:
+            print(f"[profile] skip {name}: {why[1]}")
+            continue
+        params = bench_step.make_params(shapes, torch.bfloat16, device, seed=args.seed)
+        opt, step = build_optimizer(row, params, device, STEP_HYPER, bench_step.MAX_GRAD_NORM)
+        step()
+        step()
+        torch.cuda.synchronize(device)
+        torch.cuda.profiler.start()
+        step()
+        torch.cuda.synchronize(device)
+        torch.cuda.profiler.stop()
+        print(f"[profile] {name}: 1 step profiled (backend {backend_of(opt)})", flush=True)
+        del opt, step, params
+        free_memory(device)
+    return 0
+
+
 def step_part(args, device, header, emit, left) -> None:
     # bench_step's defaults for bench_step.measure and measure_copy; a dry run takes its --dry-run's.
     dry = args.dry_run
@@ -658,6 +684,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="results folder; default bench/results")
     ap.add_argument("--name", default=None, help="results file stem; default lowprec_<device>")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="for ncu --profile-from-start off: one step of each step row in --rows, "
+                         "between cudaProfilerStart/Stop; no results written")
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda"),
                     help="the fusedopt rows' kernel backend on CUDA")
     ap.add_argument("--time-budget-s", type=float, default=0.0,
@@ -691,6 +720,12 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.profile:
+        if device.type != "cuda":
+            print("--profile needs a CUDA device (it brackets steps with cudaProfilerStart/Stop)",
+                  file=sys.stderr)
+            return 2
+        return profile_main(args, device)
     if {"loss", "e2e"} & set(args.parts) and importlib.util.find_spec("transformers") is None:
         print("--loss and --e2e build transformers models: pip install transformers", file=sys.stderr)
         return 2

@@ -34,21 +34,29 @@ def uses_state(row):
 
 
 @triton.jit
-def update(p_old, g, m, v, row, step, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
-           STATS: tl.constexpr):
+def coefficients(row, step):
+    """The block's scalars, formed once in fp64 and rounded to fp32: decay, beta1, 1 - beta1,
+    beta2, 1 - beta2, eps, step size, sqrt(1 - beta2^t), 1 - beta2^t."""
     lr, decay = lr_and_decay(row)
     beta1 = tl.load(row + BETA1).to(tl.float64)
     beta2 = tl.load(row + BETA2).to(tl.float64)
-    eps = tl.load(row + EPS)
     correction1 = 1.0 - power(beta1, step)
     correction2 = 1.0 - power(beta2, step)
-    step_size = (lr / correction1).to(tl.float32)
-    correction2_sqrt = tl.sqrt(correction2).to(tl.float32)
+    return (decay.to(tl.float32), beta1.to(tl.float32), (1.0 - beta1).to(tl.float32),
+            beta2.to(tl.float32), (1.0 - beta2).to(tl.float32), tl.load(row + EPS),
+            (lr / correction1).to(tl.float32), tl.sqrt(correction2).to(tl.float32),
+            correction2.to(tl.float32))
+
+
+@triton.jit
+def update(p_old, g, m, v, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
+           STATS: tl.constexpr):
+    eps, step_size, correction2_sqrt = k[5], k[6], k[7]
     gg = g * g
     v_old = v
-    p = p_old * decay.to(tl.float32)
-    m = beta1.to(tl.float32) * m + (1.0 - beta1).to(tl.float32) * g
-    v = beta2.to(tl.float32) * v + (1.0 - beta2).to(tl.float32) * gg
+    p = p_old * k[0]
+    m = k[1] * m + k[2] * g
+    v = k[3] * v + k[4] * gg
     # IEEE sqrt and division (Triton's defaults are approximate) to stay within rounding of
     # torch's sqrt() and addcdiv_.
     denom = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps
@@ -56,7 +64,7 @@ def update(p_old, g, m, v, row, step, mask, DTYPE: tl.constexpr, MASKED: tl.cons
     c0, c1, c2, c3, c4, c5 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     if STATS:
         weight_sq, delta_sq = common_stats(p_new.to(tl.float32), p_old, mask, MASKED)
-        vhat = v / correction2.to(tl.float32)
+        vhat = v / k[8]
         decreased = (gg < v_old).to(tl.float32)
         vhat_low, vhat_high, vhat_sum = vhat, vhat, vhat
         if MASKED:

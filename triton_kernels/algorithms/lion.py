@@ -26,15 +26,23 @@ def uses_state(row):
 
 
 @triton.jit
-def update(p_old, g, m, unused, row, step, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
-           STATS: tl.constexpr):
+def coefficients(row, step):
+    """The block's scalars, formed once in fp64 and rounded to fp32: lr, decay, beta1,
+    1 - beta1, beta2, 1 - beta2."""
     lr, decay = lr_and_decay(row)
     beta1 = tl.load(row + BETA1).to(tl.float64)
     beta2 = tl.load(row + BETA2).to(tl.float64)
-    c = beta1.to(tl.float32) * m + (1.0 - beta1).to(tl.float32) * g
+    return (lr.to(tl.float32), decay.to(tl.float32), beta1.to(tl.float32),
+            (1.0 - beta1).to(tl.float32), beta2.to(tl.float32), (1.0 - beta2).to(tl.float32))
+
+
+@triton.jit
+def update(p_old, g, m, unused, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
+           STATS: tl.constexpr):
+    c = k[2] * m + k[3] * g
     sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
-    p_new = store_rounding(p_old * decay.to(tl.float32) - lr.to(tl.float32) * sign, DTYPE)
-    m = beta2.to(tl.float32) * m + (1.0 - beta2).to(tl.float32) * g
+    p_new = store_rounding(p_old * k[1] - k[0] * sign, DTYPE)
+    m = k[4] * m + k[5] * g
     c0, c1, c2 = 0.0, 0.0, 0.0
     if STATS:
         weight_sq, delta_sq = common_stats(p_new.to(tl.float32), p_old, mask, MASKED)

@@ -28,21 +28,27 @@ def uses_state(row):
 
 
 @triton.jit
-def update(p_old, g, buf, unused, row, step, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
+def coefficients(row, step):
+    """The block's scalars: the decay coefficient wd * k (fp64), momentum, dampening, nesterov,
+    lr, and whether this is the buffer's first step."""
+    return (weight_decay_coefficient(row), tl.load(row + MOMENTUM), tl.load(row + DAMPENING),
+            tl.load(row + NESTEROV), tl.load(row + LR), step == 1)
+
+
+@triton.jit
+def update(p_old, g, buf, unused, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
            STATS: tl.constexpr):
-    weight_decay = weight_decay_coefficient(row)
-    momentum = tl.load(row + MOMENTUM)
+    weight_decay, momentum = k[0], k[1]
     direction = g
     if weight_decay != 0:
         direction = direction + weight_decay.to(tl.float32) * p_old
     if momentum != 0:
-        dampening = tl.load(row + DAMPENING)
-        buf = tl.where(step == 1, direction, momentum * buf + (1.0 - dampening) * direction)
-        if tl.load(row + NESTEROV) != 0:
+        buf = tl.where(k[5], direction, momentum * buf + (1.0 - k[2]) * direction)
+        if k[3] != 0:
             direction = direction + momentum * buf
         else:
             direction = buf
-    p_new = store_rounding(p_old - tl.load(row + LR) * direction, DTYPE)
+    p_new = store_rounding(p_old - k[4] * direction, DTYPE)
     c0, c1, c2 = 0.0, 0.0, 0.0
     if STATS:
         weight_sq, delta_sq = common_stats(p_new.to(tl.float32), p_old, mask, MASKED)
