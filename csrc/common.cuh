@@ -140,6 +140,8 @@ struct Slots {
   static_assert(kPerThread % W == 0, "vector width must divide the elements per thread");
   static_assert(kInt8Group % W == 0 && kInt8Group == 32,
                 "a lane's W elements lie in one group; a tail slot's group is one warp's 32 lanes");
+  // Full path: the groups from slot group k of a lane to slot group k + 1 (kThreads * W elements).
+  static constexpr int kGroupsPerSlotGroup = kThreads * W / kInt8Group;
   int count;  // elements of the block inside the tensor: min(NUMEL - first element, kBlock)
   bool full;
 
@@ -236,8 +238,7 @@ struct Slots {
     }
   }
 
-  // Stores one array's slots, slot value x as the bits to_bits(x, e), e its element in the block
-  // (the random bits of a stochastically rounded state depend on it).
+  // Stores one array's slots, slot value x as the bits to_bits(x, e), e its element in the block.
   template <typename S, typename ToBits>
   __device__ __forceinline__ void store(S* __restrict__ base, const float (&in)[kPerThread], ToBits to_bits) const {
     using Bits = BitsOf<S>;
@@ -271,27 +272,51 @@ struct Slots {
     store(base, in, [](float x, int) { return Storage<S>::from_float(x); });
   }
 
-  // Stores one array's slots as the bits given (8-bit state's codes), in store's vectors and
-  // masks.
-  template <typename S>
-  __device__ __forceinline__ void store_bits(S* __restrict__ base, const BitsOf<S> (&in)[kPerThread]) const {
+  // Stores one array's 1- or 2-byte slots, slot i's value x as the bits of S from bit SHIFT of the
+  // 32-bit word to_word(x, i) (bits above them are dropped): the integer roundings (the master
+  // split, stochastically rounded bf16, 8-bit codes) leave their result there, and the full path
+  // packs the vectors with PRMTs that pick those bytes out of two (four) words at once, in place
+  // of a shift and a mask per slot before the packing. The words are computed before the path's
+  // branch, so both paths share that code.
+  template <int SHIFT, typename S, typename ToWord>
+  __device__ __forceinline__ void store_shifted(S* __restrict__ base, const float (&in)[kPerThread],
+                                                ToWord to_word) const {
+    using Bits = BitsOf<S>;
+    constexpr int kBytes = int(sizeof(Bits));
+    static_assert(kBytes <= 2 && SHIFT % 8 == 0 && SHIFT / 8 + kBytes <= 4, "whole bytes of the word");
+    constexpr unsigned kByte = SHIFT / 8;  // the first byte taken, in __byte_perm's numbering
+    uint32_t words[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) words[i] = to_word(in[i], i);
     if (full) {
       using Vector = typename RawSlots<S, W>::Vector;
       constexpr int kStores = RawSlots<S, W>::kPerGroup;
+      constexpr int kPerWord = 4 / kBytes;
 #pragma unroll
       for (int k = 0; k < kPerThread / W; ++k) {
         const int first = (k * kThreads + int(threadIdx.x)) * W;
+        uint32_t packed[W / kPerWord];
+#pragma unroll
+        for (int w = 0; w < W / kPerWord; ++w) {
+          const uint32_t* word = &words[k * W + w * kPerWord];
+          if constexpr (kBytes == 2) {
+            packed[w] = __byte_perm(word[0], word[1], kByte | (kByte + 1) << 4 | (kByte + 4) << 8 | (kByte + 5) << 12);
+          } else {
+            constexpr unsigned kPair = kByte | (kByte + 4) << 4;
+            packed[w] = __byte_perm(__byte_perm(word[0], word[1], kPair), __byte_perm(word[2], word[3], kPair), 0x5410);
+          }
+        }
         Vector raw[kStores];
-        memcpy(raw, &in[k * W], sizeof(raw));
+        memcpy(raw, packed, sizeof(raw));
 #pragma unroll
         for (int l = 0; l < kStores; ++l) reinterpret_cast<Vector*>(base + first)[l] = raw[l];
       }
     } else {
-      BitsOf<S>* dst = reinterpret_cast<BitsOf<S>*>(base);
+      Bits* dst = reinterpret_cast<Bits*>(base);
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
         const int e = i * kThreads + int(threadIdx.x);
-        if (e < count) dst[e] = in[i];
+        if (e < count) dst[e] = Bits(words[i] >> SHIFT);
       }
     }
   }
@@ -305,16 +330,18 @@ struct Slots {
   // before group_byte hands each slot its own. Full path: one per slot group, the group of its W
   // elements (the lanes sharing it read the same byte). Tail path: lane l < kPerThread reads the
   // byte of slot l's group, which is the whole warp's (0 for a group past the tensor's end), so a
-  // lane holds one byte until decoding instead of kPerThread.
+  // lane holds one byte until decoding instead of kPerThread. (Element indices here are unsigned:
+  // they are >= 0, and an unsigned division by kInt8Group is one shift.)
   __device__ __forceinline__ void load_group_bytes(const uint8_t* __restrict__ scales,
                                                    uint32_t (&bytes)[kPerThread / W]) const {
     if (full) {
+      const uint8_t* lane_scales = scales + threadIdx.x * W / kInt8Group;
 #pragma unroll
-      for (int k = 0; k < kPerThread / W; ++k) bytes[k] = scales[(k * kThreads + int(threadIdx.x)) * W / kInt8Group];
+      for (int k = 0; k < kPerThread / W; ++k) bytes[k] = lane_scales[k * kGroupsPerSlotGroup];
     } else {
       const int lane = int(threadIdx.x) % 32;
       const int first = lane * kThreads + int(threadIdx.x) - lane;  // slot `lane`'s element in lane 0
-      bytes[0] = lane < kPerThread && first < count ? uint32_t(scales[first / kInt8Group]) : 0u;
+      bytes[0] = lane < kPerThread && first < count ? uint32_t(scales[unsigned(first) / kInt8Group]) : 0u;
     }
   }
 
@@ -351,119 +378,135 @@ struct Slots {
   __device__ __forceinline__ void store_groups(uint8_t* __restrict__ scales,
                                                const uint32_t (&scale)[kPerThread]) const {
     if (full) {
+      // Slot group k's first element (k * kThreads + tid) * W starts a group when tid * W does.
+      if (threadIdx.x * W % kInt8Group == 0) {
+        uint8_t* lane_scales = scales + threadIdx.x * W / kInt8Group;
 #pragma unroll
-      for (int k = 0; k < kPerThread / W; ++k) {
-        const int first = (k * kThreads + int(threadIdx.x)) * W;
-        if (first % kInt8Group == 0) scales[first / kInt8Group] = uint8_t(scale[k * W]);
+        for (int k = 0; k < kPerThread / W; ++k) lane_scales[k * kGroupsPerSlotGroup] = uint8_t(scale[k * W]);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
         const int e = i * kThreads + int(threadIdx.x);
-        if (e % kInt8Group == 0 && e < count) scales[e / kInt8Group] = uint8_t(scale[i]);
+        if (unsigned(e) % kInt8Group == 0 && e < count) scales[unsigned(e) / kInt8Group] = uint8_t(scale[i]);
       }
     }
   }
 };
 
 // Master weights for bf16 params (fusedopt/engine/master.py, the specification; the Triton kernel's
-// _combine_master / _split_master): the fp32 master is the bf16 param plus a remainder of its low
-// bits, laid out like the state. BITS 32 keeps the low 16 bits (int16, handled as uint16_t: the
-// same 16 bits), 24 keeps bits 8-15 (uint8) of the master rounded to 24 bits. The param is the
-// master rounded to nearest with ties away from zero, so that low bits >= 0x8000 always mean
-// "rounded up" and can be undone: integer operations only, as __float2bfloat16_rn rounds ties to
-// even, which the remainder could not be decoded against. Unsigned arithmetic gives the bits of
-// the specification's int32 arithmetic (two's complement, wrapping).
+// _combine_master / _split_master): the fp32 master is the bf16 param plus a remainder, laid out
+// like the state. The param is the master rounded to nearest with ties away from zero, so the
+// remainder is a signed offset from it: low bits >= 0x8000 mean "rounded up", a negative offset
+// (__float2bfloat16_rn rounds ties to even, which no 16-bit remainder could be decoded against).
+// Everything is an add or a shift on the master's fp32 bits x taken as one 32-bit word: adding to
+// the word adds to the magnitude whatever the sign, and no finite value's rounding here makes the
+// magnitude cross 0 or reach the sign bit. BITS 32 keeps x's low 16 bits (int16, handled as
+// uint16_t: the same 16 bits), 24 keeps bits 8-15 (uint8) of x rounded at bit 8. Unsigned
+// arithmetic gives the bits of the specification's int32 arithmetic (two's complement, wrapping).
 template <int BITS>
 struct Master {
   static_assert(BITS == 24 || BITS == 32, "master weights keep 24 or 32 bits");
   using Remainder = std::conditional_t<BITS == 32, uint16_t, uint8_t>;
 
-  // The fp32 master of a bf16 param (widened to fp32, exact) and its remainder.
+  // The fp32 master of a bf16 param (widened to fp32, exact: bits p << 16) and its remainder:
+  // x = (p << 16) + the remainder sign-extended (int16, or the uint8 read as int8, times 2^8).
   static __device__ __forceinline__ float combine(float param, Remainder remainder) {
-    const uint32_t p = __float_as_uint(param);
-    const uint32_t low = BITS == 32 ? uint32_t(remainder) : uint32_t(remainder) << 8;
-    const uint32_t carry = low >= 0x8000u ? 0x10000u : 0u;
-    return __uint_as_float((p & 0x80000000u) | (((p & 0x7FFF0000u) - carry) + low));
+    const int32_t offset = BITS == 32 ? int32_t(int16_t(remainder)) : int32_t(int8_t(remainder)) * 256;
+    return __uint_as_float(__float_as_uint(param) + uint32_t(offset));
   }
 
-  // The bf16 bits of the param the master splits into.
-  static __device__ __forceinline__ uint16_t param_bits(float master) {
-    const uint32_t bits = __float_as_uint(master);
-    const uint32_t magnitude = kept_magnitude(bits);
-    const uint32_t carry = (magnitude & 0xFFFFu) >= 0x8000u ? 0x10000u : 0u;
-    return uint16_t(((bits & 0x80000000u) | ((magnitude & 0x7FFF0000u) + carry)) >> 16);
+  // The param and the remainder the master splits into, each as bits kParamShift /
+  // kRemainderShift and up of a word (Slots::store_shifted): the bf16 bits (x + 0x8000) >> 16, ties
+  // away from zero; x's low 16 bits, or bits 8-15 of x rounded at bit 8, (x + 0x80) & ~0xFF. The
+  // mask changes no bit above 7 of a sum with 0x8000 (whose low byte is 0), so for 24 bits the two
+  // roundings of the param are one add of 0x8080.
+  static constexpr int kParamShift = 16;
+  static constexpr int kRemainderShift = BITS == 32 ? 0 : 8;
+
+  static __device__ __forceinline__ uint32_t param_word(float master) {
+    return __float_as_uint(master) + (BITS == 32 ? 0x8000u : 0x8080u);
   }
 
-  // The remainder the master splits into: its kept low bits.
-  static __device__ __forceinline__ Remainder remainder(float master) {
-    const uint32_t low = kept_magnitude(__float_as_uint(master)) & 0xFFFFu;
-    return Remainder(BITS == 32 ? low : low >> 8);
-  }
-
- private:
-  // The master's magnitude bits; for 24 bits rounded at bit 8 (ties away from zero) first.
-  static __device__ __forceinline__ uint32_t kept_magnitude(uint32_t bits) {
-    const uint32_t magnitude = bits & 0x7FFFFFFFu;
-    return BITS == 32 ? magnitude : (magnitude + 0x80u) & ~0xFFu;
+  static __device__ __forceinline__ uint32_t remainder_word(float master) {
+    return __float_as_uint(master) + (BITS == 32 ? 0u : 0x80u);
   }
 };
 
-// The random bits of stochastically rounded state (fusedopt/engine/stochastic.py, hash32, the
-// specification; the Triton kernel's _hash32): the lowbias32 hash of (step, element index in the
-// segment's state buffer, stream: 1 for state1, 2 for state2), uint32 arithmetic wrapping mod
-// 2^32, so every backend and every run (and a CUDA graph replay, the step being read on the
-// device) gets the same ones.
+// The random bits of stochastically rounded state (fusedopt/engine/stochastic.py, hash32 and
+// random16, the specification; the Triton kernel's _hash32): the lowbias32 hash of (step, element
+// index in the segment's state buffer), uint32 arithmetic wrapping mod 2^32, so every backend and
+// every run (and a CUDA graph replay, the step being read on the device) gets the same bits. One
+// hash serves both states of an element: state1 rounds with its low 16 bits, state2 with its high
+// 16 (bits16); these modes are bound by integer issue, and the hash is 9 integer operations.
 class StateRandom {
  public:
   // step: the tensor's step count after this step (tensor_step, truncated to an integer).
-  __device__ __forceinline__ StateRandom(uint32_t step, uint32_t stream)
-      : key_(step * 0x85EBCA77u + stream * 0xC2B2AE3Du) {}
+  __device__ __forceinline__ explicit StateRandom(uint32_t step) : key_(fold(step * 0x85EBCA77u)) {}
 
   __device__ __forceinline__ uint32_t operator()(uint32_t index) const {
-    uint32_t h = (index * 0x9E3779B1u) ^ key_;
-    h ^= h >> 16;
+    // The specification's first round, h = index * 0x9E3779B1 ^ key; h ^= h >> 16: the shift
+    // distributes over the xor, so with the key's share folded once per block (key_) it is one
+    // shift and one 3-input xor (LOP3).
+    uint32_t h = index * 0x9E3779B1u;
+    h ^= (h >> 16) ^ key_;
     h *= 0x7FEB352Du;
     h ^= h >> 15;
     h *= 0x846CA68Bu;
-    h ^= h >> 16;
-    return h;
+    return h ^ (h >> 16);
+  }
+
+  // The 16 random bits of state STREAM (1: state1, 2: state2) in an element's hash.
+  template <int STREAM>
+  static __device__ __forceinline__ uint32_t bits16(uint32_t hash) {
+    static_assert(STREAM == 1 || STREAM == 2, "the update has state1 and state2");
+    return STREAM == 1 ? hash & 0xFFFFu : hash >> 16;
   }
 
  private:
-  uint32_t key_;  // the step's and stream's part of the hash, the same for the whole block
+  static __device__ __forceinline__ uint32_t fold(uint32_t key) { return key ^ (key >> 16); }
+
+  uint32_t key_;  // key ^ (key >> 16), key = step * 0x85EBCA77: the same for the whole block
 };
 
-// fp32 -> bf16 rounded stochastically (fusedopt/engine/stochastic.py, to_bf16; the Triton
-// kernel's _stochastic_bf16): 16 random bits are added to the fp32 bits and the low half dropped,
-// an integer operation (no __float2bfloat16 rounding), so the value rounds up with probability
-// equal to the dropped fraction.
-class StochasticBf16 {
- public:
-  __device__ __forceinline__ StochasticBf16(uint32_t step, uint32_t stream) : random_(step, stream) {}
-
-  __device__ __forceinline__ uint16_t operator()(float x, uint32_t index) const {
-    return uint16_t((__float_as_uint(x) + (random_(index) & 0xFFFFu)) >> 16);
-  }
-
- private:
-  StateRandom random_;
+// fp32 -> bf16 rounded stochastically (fusedopt/engine/stochastic.py, to_bf16; the Triton kernel's
+// _stochastic_bf16): 16 random bits (StateRandom::bits16) are added to the fp32 bits and the low
+// half dropped, an integer add (no __float2bfloat16 rounding), so the value rounds up with
+// probability equal to the dropped fraction. The sum, whose high half kShift and up is the bf16, is
+// what Slots::store_shifted takes.
+struct StochasticBf16 {
+  static constexpr int kShift = 16;
+  static __device__ __forceinline__ uint32_t word(float x, uint32_t random16) { return __float_as_uint(x) + random16; }
 };
 
 // 8-bit state's codes in format CODE (fusedopt/engine/int8.py, the specification; the Triton
-// kernel's _decode8 / _encode8), integer operations on the fp32 bits and exact multiplies by
-// powers of two, so that every backend stores the same bytes for the same fp32 values. A code is
-// a tiny float relative to 2^(scale - 127): exponent field e (3 bits, 7 the octave of the scale),
-// M mantissa bits f, below e = 1 a linear range down to 0; kSigned adds a sign bit (0x80), kSqrt
-// codes u = sqrt(v). Unsigned arithmetic gives the specification's int64 values wherever they
-// are kept (magnitude + random < 2^32: no wrap).
+// kernel's _decode8 / _encode8). A code is a tiny float relative to 2^(s - 127), s its group's
+// scale byte: exponent field e (3 bits, kTop = 7 the scale's own octave), M mantissa bits f, below
+// e = 1 a linear range down to 0; kSigned adds a sign bit (0x80), kSqrt codes u = sqrt(v). A
+// code's bits in an fp32's place (the sign at bit 31, e and f from bit 23 - M up) are the fp32
+// bits of its value times 2^(7 - s), and the linear range is fp32's own subnormal range: decoding
+// is the code's bits times 2^(s - 7), encoding x times 2^(7 - s), whose magnitude bits less the
+// dropped ones are the code. Both are two IEEE multiplies, by 2^kSplit and by the group's factor
+// (2^(s - 7) spans more than fp32's exponent range), in place of the integer field arithmetic
+// these kernels are bound by, and every backend does the same ones, so all store the same bytes
+// for the same fp32 values and decode them to the same values. A group's factor is built per slot
+// from its scale byte (Decoder, Encoder; on the full path a lane's W slots of a group share the
+// byte, and the compiler builds it once) and is 0 for a group stored as zeros (s = 0). Unsigned
+// arithmetic gives the specification's int64 values in the bits that are kept.
 template <StateCode CODE>
 struct Int8Code {
   static constexpr bool kSqrt = CODE == StateCode::kSqrt;
   static constexpr int kMantissa = int8_mantissa_bits(CODE);
   static constexpr int kDropped = 23 - kMantissa;  // fp32 mantissa bits below the kept ones
   static constexpr int kTop = (1 << kInt8ExponentBits) - 1;  // e of the scale's own octave
-  static constexpr uint32_t kRandomMask = (1u << kDropped) - 1;  // the random bits a rounding takes
+  // Stochastic rounding's 16 random bits go at the top of the kDropped bits a code drops
+  // (int8.random_offsets): a rounding biased by at most 2^-16 of a code step.
+  static constexpr int kRandomShift = kDropped - 16;
+  static_assert(kRandomShift >= 0, "16 random bits fit in the dropped bits");
+  // int8.SPLIT: 2^(s - 7) = 2^kSplit * 2^(s - 7 - kSplit), both factors of either direction
+  // normal fp32 numbers for s in [kInt8MinScale, 255].
+  static constexpr int kSplit = 124;
+  static_assert(kSplit == 124, "the literals 0x1p124f and 0x1p-124f below are 2^kSplit and 2^-kSplit");
 
   // The quantity the format codes: sqrt(v) correctly rounded (IEEE, as the Triton kernel's
   // sqrt_rn), or the value.
@@ -476,45 +519,70 @@ struct Int8Code {
   // rounded up at the kept precision, so the largest element can round up into the next octave;
   // 0 (stored as zeros) below kInt8MinScale.
   static __device__ __forceinline__ uint32_t scale_of(uint32_t largest) {
-    const uint32_t scale = (largest + kRandomMask) >> 23;
+    const uint32_t scale = (largest + (1u << kDropped) - 1) >> 23;
     return scale >= uint32_t(kInt8MinScale) ? scale : 0u;
   }
 
-  // The fp32 value of a code in a group of scale byte `scale`: the significand (f, plus the
-  // implicit 2^M for e >= 1) times its unit, a power of two built from its exponent field (0,
-  // the float 0, for a group stored as zeros), both exact.
-  static __device__ __forceinline__ float decode(uint32_t code, uint32_t scale) {
-    const int magnitude = kSqrt ? int(code) : int(code & 0x7Fu);
-    const int e = magnitude >> kMantissa;
-    const int f = magnitude & ((1 << kMantissa) - 1);
-    const int significand = e >= 1 ? f + (1 << kMantissa) : f;
-    const int unit_field = max(max(e, 1) - kTop - kMantissa + int(scale), 0);
-    const float value = float(significand) * __int_as_float(unit_field << 23);
-    if (kSqrt) return value * value;
-    return (code & 0x80u) != 0 ? -value : value;
+  // 2^exponent as an fp32 (exponent in the normal range), or 0 for a group stored as zeros.
+  static __device__ __forceinline__ float group_factor(uint32_t scale, int exponent) {
+    return scale != 0 ? __uint_as_float(uint32_t(exponent + 127) << 23) : 0.f;
   }
 
-  // The code of coded value x (coded()) in a group of scale byte `scale`, rounded with `random`
-  // (kDropped random bits added below the kept ones before they are dropped). In the top kTop
-  // octaves the code is x's own exponent and mantissa bits shifted down; below, the significand
-  // shifted to the linear range's unit. A nonzero sqrt(v) takes at least the smallest code.
-  static __device__ __forceinline__ uint8_t encode(float x, uint32_t scale, uint32_t random) {
-    const uint32_t bits = __float_as_uint(x);
-    const uint32_t magnitude = bits & 0x7FFFFFFFu;
-    const int exponent = int(magnitude >> 23);
-    const int s = int(scale);
-    const bool normal = exponent >= 1 && exponent - s + kTop >= 1;
-    // Wraps (unsigned) only where it is not taken: a normal x has exponent >= s - 6.
-    const uint32_t in_normal = ((magnitude + random) >> kDropped) - (uint32_t(s - kTop) << kMantissa);
-    const uint32_t significand = (magnitude & 0x7FFFFFu) | (exponent > 0 ? 0x800000u : 0u);
-    const int shift = min(max(s - kTop + 1 - max(exponent, 1), 0), 31);
-    const uint32_t in_linear = ((significand >> shift) + random) >> kDropped;
-    uint32_t code = normal ? in_normal : in_linear;
-    if (kSqrt) code = magnitude > 0 ? max(code, 1u) : 0u;
-    if (s == 0) code = 0;
-    if (!kSqrt && code > 0 && (bits >> 31) != 0) code |= 0x80u;
-    return uint8_t(code);
-  }
+  // Decoding in a group of scale byte s: (the code's bits as an fp32 * 2^kSplit) * 2^(s - 7 - kSplit),
+  // both exact but where the value is 2^128 or more (the top octave of s = 255), which overflows
+  // to inf as in the specification; +-0 for s = 0.
+  class Decoder {
+   public:
+    __device__ __forceinline__ explicit Decoder(uint32_t scale) : factor_(group_factor(scale, int(scale) - kTop - kSplit)) {}
+
+    // The value of the code in byte `byte` (0-3) of `codes`, the codes as loaded 4 to a word.
+    __device__ __forceinline__ float operator()(uint32_t codes, int byte) const {
+      uint32_t bits;
+      if (kSqrt) {
+        bits = ((codes >> (8 * byte)) & 0xFFu) << (23 - kMantissa);
+      } else {
+        // The byte sign-extended and shifted into place (its sign bit in bits 31 down to 30 - M),
+        // then the sign bit and the 7 magnitude bits kept: 2-3 operations from the word.
+        const uint32_t shifted = uint32_t(int32_t(codes << (24 - 8 * byte)) >> (1 + kMantissa));
+        bits = shifted & (0x80000000u | (0x7Fu << (23 - kMantissa)));
+      }
+      const float value = __fmul_rn(__fmul_rn(__uint_as_float(bits), 0x1p124f), factor_);
+      return kSqrt ? __fmul_rn(value, value) : value;
+    }
+
+   private:
+    float factor_;  // 2^(s - 7 - kSplit); 0 for s = 0
+  };
+
+  // Encoding in a group of scale byte s, with 16 random bits r: t, the fp32 bits of
+  // (x * 2^(7 + kSplit - s)) * 2^-kSplit (exact in the top kTop octaves; the linear range rounds
+  // to nearest at fp32's subnormal step, 2^-kDropped of a code step, as the specification's
+  // multiply does), then the code (|t| + (r << kRandomShift)) >> kDropped. A group stored as zeros
+  // (s = 0) has the factor 0: code 0.
+  // - signed: the sign bit is t's, whatever the magnitude code (a negative value that rounds to 0
+  //   keeps it: 0x80, decoded -0.0). t's sign bit is not masked off before the add: it moves the
+  //   sum by 2^31 mod 2^32, the code by 2^12 mod 2^13, and only the code's low byte is stored.
+  // - sqrt: |x| in the multiply (no sign bit); a nonzero sqrt(v) takes at least code 1 (a
+  //   smaller update, never m / eps): it is at least 2^-75, so its magnitude bits m are far above
+  //   2^kDropped and min(m, 2^kDropped) is 2^kDropped exactly when x != 0 (which also puts its
+  //   group's scale at 52 or more).
+  class Encoder {
+   public:
+    __device__ __forceinline__ explicit Encoder(uint32_t scale) : inverse_(group_factor(scale, kTop + kSplit - int(scale))) {}
+
+    // The code of x, in the low byte of the result (Slots::store_shifted keeps that byte; the
+    // bits above are not the code's).
+    __device__ __forceinline__ uint32_t operator()(float x, uint32_t random16) const {
+      const uint32_t m = magnitude(x);
+      const uint32_t t = __float_as_uint(__fmul_rn(__fmul_rn(kSqrt ? __uint_as_float(m) : x, inverse_), 0x1p-124f));
+      const uint32_t sum = t + (random16 << kRandomShift);
+      if (kSqrt) return max(sum, min(m, 1u << kDropped)) >> kDropped;
+      return (sum >> kDropped) | ((t >> 24) & 0x80u);
+    }
+
+   private:
+    float inverse_;  // 2^(7 + kSplit - s); 0 for s = 0
+  };
 };
 
 // Column `tensor` of the tensor table, int64 [kTableRows, num_tensors] (layout.h, TableRow).

@@ -15,15 +15,16 @@
 //   STATE_START[t] + e like the state; param + remainder give the fp32 master (Master in
 //   common.cuh), the update runs on it in fp32 without rounding to bf16, and the result is split
 //   back into both.
-// - bf16 state: loaded and widened to fp32, stored rounded stochastically (StochasticBf16), the
-//   random bits a hash of the step count after this step, the element's index in the state buffer
-//   and the state (stream 1, 2).
+// - bf16 state: loaded and widened to fp32, stored rounded stochastically (StochasticBf16) with 16
+//   random bits of one hash per element (StateRandom: of the step count after this step and the
+//   element's index in the state buffer), its low half for state1, its high half for state2.
 // - 8-bit state (fusedopt/engine/int8.py): uint8 codes at STATE_START[t] + e and one scale byte
 //   per group of 32 state elements in scale1 / scale2 at (STATE_START[t] + e) / 32, each state in
 //   its algorithm's format (A::kCodes). Loaded codes are decoded with their group's byte
-//   (Int8Code); stored values are quantized: each group's scale from the largest coded magnitude
-//   over its elements in the tensor (a xor-shuffle butterfly over the lanes that hold the group,
-//   Slots::group_max), the codes rounded stochastically with the bf16 state's hash bits.
+//   (Int8Code: the code's bits in an fp32's place times 2^(s - 7), two FMULs); stored values are
+//   quantized: each group's scale from the largest coded magnitude over its elements in the tensor
+//   (a xor-shuffle butterfly over the lanes that hold the group, Slots::group_max), the codes
+//   rounded stochastically with the same 16 random bits as bf16 state.
 // The statistics see what the Triton kernel's see: the fp32 master (old and new) and the fp32
 // state before rounding; a skipped step's, the combined master and the widened or decoded state.
 //
@@ -33,10 +34,14 @@
 // 32 B hyper row and 4 B of step (0.02 B/element). Statistics add no per-element traffic (4 B of
 // partials per column per block). 8-bit state moves 1 B of code and 1/32 B of scale per element
 // and moment, each read and written: 2.06 B a moment against 8 in fp32. The tier adds integer
-// work per element: a few ops for the master split, a 32-bit hash per bf16 state value; per
-// 8-bit state value a decode (~8 integer ops), an encode (~20, and an IEEE sqrt for "sqrt"
-// formats), a hash, and per group a 2-3 step shuffle butterfly on the full path (5 on the tail
-// path).
+// work, which bounds these modes (the GPU issues integer ALU operations at half the fp32 rate);
+// per element on the full path (sm_90 SASS of AdamW with bf16 params): the hash, 9 operations
+// for both states; the master's combine, 2 (32 bits) or ~3 (24), and split, an add per stored
+// array and its share of the PRMTs packing the vectors (1/2 a bf16, 3/4 a byte); a bf16 state
+// value's rounding, an add and 1/2 PRMT; an 8-bit state value's decode, 2 ("sqrt") or 3
+// ("signed") integer operations and 2 FMULs, and encode, 4 and 2 FMULs (and an IEEE sqrt for
+// "sqrt") and 3/4 PRMT, plus its magnitude and share of the group's maximum, ~2, and per group a
+// 2-3 step shuffle butterfly on the full path (5 on the tail path).
 // Measured (H200, one 2^28-element tensor, AdamW without statistics, medians of 25 launches):
 // fp32 | bf16 params with fp32 state 2.04 | 1.77 ms, as before the tier (the same SASS); bf16
 // params with 32 | 24-bit masters 1.91 | 1.94 ms with fp32 state (3.6 | 3.3 TB/s of napkin
@@ -101,25 +106,28 @@ template <StateCode CODE, typename S, int W>
 __device__ __forceinline__ void unpack_state(const Slots<W>& slots, const RawState<S, W>& raw,
                                              float (&out)[kPerThread]) {
   if constexpr (kInt8State<S>) {
+    static_assert(kPerThread % 4 == 0, "whole words of codes");
+    uint32_t codes[kPerThread / 4];  // 4 to a word, as the full path loads them
+    memcpy(codes, raw.codes, sizeof(codes));
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) out[i] = Int8Code<CODE>::decode(raw.codes[i], slots.group_byte(raw.bytes, i));
+    for (int i = 0; i < kPerThread; ++i) {
+      const typename Int8Code<CODE>::Decoder group(slots.group_byte(raw.bytes, i));
+      out[i] = group(codes[i / 4], i % 4);
+    }
   } else {
     slots.unpack(raw, out);
   }
 }
 
-// The state's storage S: fp32 as it is, bf16 rounded stochastically with the random bits of (step,
-// element index in the state buffer, stream), the Triton kernel's and the reference's, so that
-// all three store an fp32 value the same way; 8-bit codes in format CODE rounded stochastically
-// with the same bits (int8.quantize): each group's scale from the largest coded magnitude of its
-// elements in the tensor (a shuffle butterfly over the lanes holding it, Slots::group_max), then
-// the codes and the scale bytes. `index` is the state buffer's element under the block's first
-// one; only its low 32 bits enter the hash (stochastic.py wraps it mod 2^32). Every thread of the
-// block must call it for 8-bit state.
-template <StateCode CODE, typename S, int W>
+// The state's storage S: fp32 as it is, bf16 rounded stochastically, or 8-bit codes in format CODE
+// rounded stochastically (int8.quantize): each group's scale from the largest coded magnitude of
+// its elements in the tensor (a shuffle butterfly over the lanes holding it, Slots::group_max),
+// then the codes and the scale bytes. The random bits are state STREAM's 16 of each slot's hash
+// (StateRandom::bits16), as the Triton kernel's and the reference's, so that all three store an
+// fp32 value the same way. Every thread of the block must call it for 8-bit state.
+template <StateCode CODE, int STREAM, typename S, int W>
 __device__ __forceinline__ void store_state(const Slots<W>& slots, S* __restrict__ base, uint8_t* __restrict__ scales,
-                                            const float (&in)[kPerThread], uint32_t step, uint32_t stream,
-                                            uint32_t index) {
+                                            const float (&in)[kPerThread], const uint32_t (&hash)[kPerThread]) {
   if constexpr (std::is_same_v<S, float>) {
     slots.store(base, in);
   } else if constexpr (kInt8State<S>) {
@@ -132,19 +140,17 @@ __device__ __forceinline__ void store_state(const Slots<W>& slots, S* __restrict
       scale[i] = slots.valid(i) ? Code::magnitude(x[i]) : 0u;
     }
     slots.group_max(scale);
-    const StateRandom random(step, stream);
-    uint8_t codes[kPerThread];
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      scale[i] = Code::scale_of(scale[i]);
-      codes[i] = Code::encode(x[i], scale[i], random(index + uint32_t(slots.element(i))) & Code::kRandomMask);
-    }
-    slots.store_bits(base, codes);
+    for (int i = 0; i < kPerThread; ++i) scale[i] = Code::scale_of(scale[i]);
+    slots.template store_shifted<0>(base, x, [&](float value, int slot) {
+      const typename Code::Encoder group(scale[slot]);
+      return group(value, StateRandom::bits16<STREAM>(hash[slot]));
+    });
     slots.store_groups(scales, scale);
   } else {
     static_assert(std::is_same_v<S, __nv_bfloat16>, "state is fp32, bf16 or 8-bit codes");
-    const StochasticBf16 round(step, stream);
-    slots.store(base, in, [&](float x, int e) { return round(x, index + uint32_t(e)); });
+    slots.template store_shifted<StochasticBf16::kShift>(
+        base, in, [&](float x, int slot) { return StochasticBf16::word(x, StateRandom::bits16<STREAM>(hash[slot])); });
   }
 }
 
@@ -161,10 +167,12 @@ __device__ __forceinline__ void combine_masters(float (&p)[kPerThread], const R 
 // and is split back into both. With S = float and MASTER_BITS 0 an instantiation compiles to the
 // SASS of the kernel before the tier (sm_90, compared); the fp32 and bf16 state instantiations
 // kept their SASS when 8-bit state came (sm_80 and sm_90, compared) but for the parameter offset
-// of states_aligned, 16 bytes on (UpdateArgs gained scale1, scale2). ptxas spills 4 bytes in
-// three 8-bit instantiations (AdamW, bf16 params, 32-bit masters, STATS; Lion, fp32 params on
-// sm_90) to stay at 128 or 80 registers, 2 or 3 blocks per SM; without that target
-// (__launch_bounds__(kThreads, 1)) the AdamW one takes 153 registers, 1 block per SM.
+// of states_aligned, 16 bytes on (UpdateArgs gained scale1, scale2). ptxas stays at 128 or 80
+// registers, 2 or 3 blocks per SM, and spills 8 bytes in two Lion instantiations with STATS on
+// sm_90 (bf16 params with fp32 state, fp16 params with bf16 state), around the fp64 division
+// thread 0 makes for the block's constants; none on sm_80. Without that target
+// (__launch_bounds__(kThreads, 1)) the AdamW 8-bit ones take up to 144 registers (fp32 params,
+// STATS), 1 block per SM.
 template <class A, typename T, typename S, int MASTER_BITS, bool STATS>
 __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bool states_aligned) {
   static_assert(A::kStates >= 1 && A::kStates <= kMaxStates, "update takes state1 and state2");
@@ -210,9 +218,10 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
     S* state2 = kTwoStates ? static_cast<S*>(a.state2) + state_element : nullptr;
     R* remainder = kMaster ? static_cast<R*>(a.remainder) + state_element : nullptr;
     // 8-bit state's scale bytes from the block's first group on (state_element is a multiple of
-    // kInt8Group: STATE_START is one of kStateAlign, the block's first element one of kBlock).
-    uint8_t* scale1 = kInt8 ? a.scale1 + state_element / kInt8Group : nullptr;
-    uint8_t* scale2 = kInt8 && kTwoStates ? a.scale2 + state_element / kInt8Group : nullptr;
+    // kInt8Group: STATE_START is one of kStateAlign, the block's first element one of kBlock; and
+    // >= 0, so an unsigned division, a shift).
+    uint8_t* scale1 = kInt8 ? a.scale1 + uint64_t(state_element) / kInt8Group : nullptr;
+    uint8_t* scale2 = kInt8 && kTwoStates ? a.scale2 + uint64_t(state_element) / kInt8Group : nullptr;
     const Slots<kW> slots =
         Slots<kW>::of(tensor[kNumel] - first, states_aligned && is_aligned16(param) && is_aligned16(grad));
     float p[kPerThread], s1[kPerThread], s2[kPerThread];
@@ -270,16 +279,26 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
       for (int i = 0; i < kPerThread; ++i)
         if (slots.valid(i)) A::template step_element<Rounded, STATS>(c, p[i], c.unscale(g[i]), s1[i], s2[i], stats);
       if constexpr (kMaster) {
-        slots.store(param, p, [](float master, int) { return Master<MASTER_BITS>::param_bits(master); });
-        slots.store(remainder, p, [](float master, int) { return Master<MASTER_BITS>::remainder(master); });
+        using M = Master<MASTER_BITS>;
+        slots.template store_shifted<M::kParamShift>(param, p, [](float master, int) { return M::param_word(master); });
+        slots.template store_shifted<M::kRemainderShift>(remainder, p,
+                                                         [](float master, int) { return M::remainder_word(master); });
       } else {
         slots.store(param, p);
       }
       if (uses_state) {
-        // The step count after this step, as an integer (finalize has counted this step).
-        const uint32_t step = uint32_t(int32_t(a.tensor_step[tensor_index]));
-        store_state<kCode1>(slots, state1, scale1, s1, step, 1, uint32_t(state_element));
-        if (kTwoStates) store_state<kCode2>(slots, state2, scale2, s2, step, 2, uint32_t(state_element));
+        // Each slot's random bits for stochastically rounded state, one hash for both states: of
+        // the step count after this step, as an integer (finalize has counted this step), and the
+        // slot's element in the state buffer, of which only the low 32 bits enter the hash
+        // (stochastic.py wraps it mod 2^32).
+        uint32_t hash[kPerThread];
+        if constexpr (!std::is_same_v<S, float>) {
+          const StateRandom random(uint32_t(int32_t(a.tensor_step[tensor_index])));
+#pragma unroll
+          for (int i = 0; i < kPerThread; ++i) hash[i] = random(uint32_t(state_element) + uint32_t(slots.element(i)));
+        }
+        store_state<kCode1, 1>(slots, state1, scale1, s1, hash);
+        if (kTwoStates) store_state<kCode2, 2>(slots, state2, scale2, s2, hash);
       }
     } else if constexpr (STATS && kInt8) {
       // A skipped step's statistics, 8-bit state decoded after the block's constants (decoded

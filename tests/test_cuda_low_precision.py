@@ -51,12 +51,15 @@ def test_cuda_backend_takes_the_tier(monkeypatch):
     # On CPU tensors what stops backend='cuda' is the device, not the features.
     with pytest.raises(RuntimeError, match="backend='cuda' runs on CUDA tensors"):
         backends.resolve("cuda", torch.device("cpu"), [BF16], TIER)
-    # With the extension and a GPU, 'auto' takes CUDA first for the tier too.
+    # With the extension and a GPU, 'auto' takes CUDA first for the tier too, except for the
+    # features it skips on CUDA until they have run on a GPU (backends.AUTO_SKIPS).
     monkeypatch.setattr(backends, "available", lambda name: True)
     gpu = torch.device("cuda", 0)
     assert backends.AUTO_GPU_ORDER[0] == "cuda"
     for needs in ((), TIER[:1], TIER[1:2], TIER[2:], TIER):
-        assert backends.resolve("auto", gpu, [BF16, torch.float32], needs) == "cuda", needs
+        skipped = any("cuda" in backends.AUTO_SKIPS.get(feature, ()) for feature in needs)
+        expected = "triton" if skipped else "cuda"
+        assert backends.resolve("auto", gpu, [BF16, torch.float32], needs) == expected, needs
         assert backends.resolve("cuda", gpu, [BF16], needs) == "cuda", needs
 
 

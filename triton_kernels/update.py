@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 from .algorithms import REGISTRY
-from .layout import (BLOCK, CLIP_COEF, FOUND_INF, GRAD_ADDR, GROUP, HYPER_COLUMNS, INT8_GROUP,
-                     INT8_MIN_SCALE, INT8_SIGNED_MANTISSA, INT8_SPLIT, INT8_SQRT_MANTISSA,
-                     INT8_TOP_EXPONENT,
-                     INV_SCALE, NUMEL, PARAM_ADDR, BLOCK_START, STATE_ALIGN, STATE_START)
+from .layout import (BLOCK, BLOCK_START, CLIP_COEF, FOUND_INF, GRAD_ADDR, GROUP, HYPER_COLUMNS,
+                     INT8_GROUP, INT8_MIN_SCALE, INT8_SIGNED_MANTISSA, INT8_SPLIT,
+                     INT8_SQRT_MANTISSA, INT8_TOP_EXPONENT, INV_SCALE, NUMEL, PARAM_ADDR,
+                     STATE_ALIGN, STATE_START)
 
 
 @triton.jit

@@ -69,7 +69,9 @@ def info() -> None:
     from fusedopt.engine import backends
 
     for feature, names in backends.FEATURE_BACKENDS.items():
-        print(f"{feature} runs on: {', '.join(names)}")
+        skipped = backends.AUTO_SKIPS.get(feature, ())
+        note = f" ('auto' does not pick {', '.join(skipped)} yet)" if skipped else ""
+        print(f"{feature} runs on: {', '.join(names)}{note}")
     if torch.cuda.is_available():
         chosen = backends.resolve("auto", torch.device("cuda"), [torch.float32])
         print(f"backend='auto' runs CUDA tensors on: {chosen}")
