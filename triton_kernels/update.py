@@ -212,25 +212,13 @@ def _neutral(OPS: tl.constexpr, COLUMN: tl.constexpr):
 
 
 @triton.jit
-def _merge(total, part, OPS: tl.constexpr, COLUMN: tl.constexpr):
-    """Two partials of column COLUMN combined with its op (OPS as in _neutral)."""
-    op: tl.constexpr = (OPS >> (2 * COLUMN)) & 3
-    if op == 1:
-        return tl.minimum(total, part)
-    elif op == 2:
-        return tl.maximum(total, part)
-    else:
-        return total + part
-
-
-@triton.jit
 def _step_chunk(param, grad, state1, state2, scale1, scale2, remainder, state_element, offsets,
                 mask, group_mask, uses_state, k, step, globals_ptr, ALGO_UPDATE: tl.constexpr,
                 NUM_STATES: tl.constexpr, DTYPE: tl.constexpr,
                 MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr,
                 SQRT1: tl.constexpr, SQRT2: tl.constexpr, STATS: tl.constexpr,
                 MASKED: tl.constexpr):
-    """One chunk of a block, updated in place; returns the chunk's statistics partials."""
+    """One chunk of a block, updated in place; returns its statistics."""
     p = _load(param, offsets, mask, MASKED).to(tl.float32)
     if MASTER_BITS > 0:
         p = _combine_master(p, _load(remainder, offsets, mask, MASKED), MASTER_BITS)
@@ -270,34 +258,31 @@ def _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_el
                 row, step, pid, globals_ptr, stats_ptr, stats_stride,
                 ALGO_COEFFICIENTS: tl.constexpr, ALGO_UPDATE: tl.constexpr,
                 ALGO_USES_STATE: tl.constexpr, NUM_STATES: tl.constexpr,
-                NUM_STATS: tl.constexpr, STAT_OPS: tl.constexpr, DTYPE: tl.constexpr,
-                MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr,
-                SQRT1: tl.constexpr, SQRT2: tl.constexpr, STATS: tl.constexpr,
-                MASKED: tl.constexpr, CHUNK: tl.constexpr):
+                NUM_STATS: tl.constexpr, DTYPE: tl.constexpr, MASTER_BITS: tl.constexpr,
+                STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr, SQRT1: tl.constexpr,
+                SQRT2: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
+                CHUNK: tl.constexpr):
     """A block of BLOCK elements (`limit` of them in the tensor) in chunks of CHUNK, one after
     the other: a chunk's elements are all a thread holds live, so fewer registers per thread
     let more warps share an SM and hide each other's latencies. The step's scalars are formed
-    once, before the chunks."""
+    once, before the chunks. With statistics the block is one chunk (update(), UPDATE_CHUNK),
+    whose statistics are the block's partials."""
+    tl.static_assert(CHUNK == BLOCK or not STATS, "statistics take the block in one chunk")
     k = ALGO_COEFFICIENTS(row, step)
     uses_state = ALGO_USES_STATE(row)
     offsets = tl.arange(0, CHUNK)
-    c0, c1, c2 = _neutral(STAT_OPS, 0), _neutral(STAT_OPS, 1), _neutral(STAT_OPS, 2)
-    c3, c4, c5 = _neutral(STAT_OPS, 3), _neutral(STAT_OPS, 4), _neutral(STAT_OPS, 5)
     for start in range(0, BLOCK, CHUNK):
         start = tl.multiple_of(start, CHUNK)
         mask = offsets < limit - start
         group_mask = tl.arange(0, CHUNK // INT8_GROUP) * INT8_GROUP < limit - start
-        k0, k1, k2, k3, k4, k5 = _step_chunk(
+        c0, c1, c2, c3, c4, c5 = _step_chunk(
             param + start, grad + start, state1 + start, state2 + start,
             scale1 + start // INT8_GROUP, scale2 + start // INT8_GROUP, remainder + start,
             state_element + start, offsets, mask, group_mask, uses_state, k, step, globals_ptr,
             ALGO_UPDATE, NUM_STATES, DTYPE, MASTER_BITS, STATE_BF16,
             STATE_INT8, SQRT1, SQRT2, STATS, MASKED)
-        c0, c1 = _merge(c0, k0, STAT_OPS, 0), _merge(c1, k1, STAT_OPS, 1)
-        c2, c3 = _merge(c2, k2, STAT_OPS, 2), _merge(c3, k3, STAT_OPS, 3)
-        c4, c5 = _merge(c4, k4, STAT_OPS, 4), _merge(c5, k5, STAT_OPS, 5)
-    if STATS:
-        _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
+        if STATS:
+            _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
 
 
 @triton.jit
@@ -362,7 +347,7 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
         _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_element,
                     numel - first, row, step, pid, globals_ptr, stats_ptr, stats_stride,
                     ALGO_COEFFICIENTS, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS,
-                    STAT_OPS, DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS,
+                    DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS,
                     False, CHUNK)
     else:
         param = param_addr.to(tl.pointer_type(DTYPE)) + first
@@ -370,7 +355,7 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
         _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_element,
                     numel - first, row, step, pid, globals_ptr, stats_ptr, stats_stride,
                     ALGO_COEFFICIENTS, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS,
-                    STAT_OPS, DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS,
+                    DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS,
                     True, CHUNK)
 
 

@@ -78,11 +78,6 @@ def nearest(code):
     return 1 << (round_bits(code) - 1)
 
 
-def top_code(code):
-    """The largest magnitude code: every bit of the exponent field and the mantissa set."""
-    return (1 << (EXPONENT_BITS + MANTISSA_BITS[code])) - 1
-
-
 def coded(value, code):
     """The quantity a format codes: sqrt(v) for "sqrt", the value itself for "signed"."""
     return value.float().sqrt() if code == "sqrt" else value.float()
