@@ -238,38 +238,44 @@ struct Slots {
     }
   }
 
-  // Stores one array's slots, slot value x as the bits to_bits(x, e), e its element in the block.
-  template <typename S, typename ToBits>
-  __device__ __forceinline__ void store(S* __restrict__ base, const float (&in)[kPerThread], ToBits to_bits) const {
-    using Bits = BitsOf<S>;
-    if (full) {
-      using Vector = typename RawSlots<S, W>::Vector;
-      constexpr int kStores = RawSlots<S, W>::kPerGroup;
+  // Full path: writes slot group k of one array, its W values given as their bits
+  // (W * sizeof(BitsOf<S>) bytes), as the group's vector stores.
+  template <typename S>
+  __device__ __forceinline__ void store_vectors(S* __restrict__ base, int k, const void* bits) const {
+    using Vector = typename RawSlots<S, W>::Vector;
+    constexpr int kStores = RawSlots<S, W>::kPerGroup;
+    const int first = (k * kThreads + int(threadIdx.x)) * W;
+    Vector raw[kStores];
+    memcpy(raw, bits, sizeof(raw));
 #pragma unroll
-      for (int k = 0; k < kPerThread / W; ++k) {
-        const int first = (k * kThreads + int(threadIdx.x)) * W;
-        Bits bits[W];
+    for (int l = 0; l < kStores; ++l) reinterpret_cast<Vector*>(base + first)[l] = raw[l];
+  }
+
+  // Tail path: writes slot i's bits bits_of(i) where its element is inside the tensor.
+  template <typename S, typename SlotBits>
+  __device__ __forceinline__ void store_tail(S* __restrict__ base, SlotBits bits_of) const {
+    BitsOf<S>* dst = reinterpret_cast<BitsOf<S>*>(base);
 #pragma unroll
-        for (int j = 0; j < W; ++j) bits[j] = to_bits(in[k * W + j], first + j);
-        Vector raw[kStores];
-        memcpy(raw, bits, sizeof(raw));
-#pragma unroll
-        for (int l = 0; l < kStores; ++l) reinterpret_cast<Vector*>(base + first)[l] = raw[l];
-      }
-    } else {
-      Bits* dst = reinterpret_cast<Bits*>(base);
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i) {
-        const int e = i * kThreads + int(threadIdx.x);
-        if (e < count) dst[e] = to_bits(in[i], e);
-      }
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = i * kThreads + int(threadIdx.x);
+      if (e < count) dst[e] = bits_of(i);
     }
   }
 
   // Stores the values rounded to nearest even into S.
   template <typename S>
   __device__ __forceinline__ void store(S* __restrict__ base, const float (&in)[kPerThread]) const {
-    store(base, in, [](float x, int) { return Storage<S>::from_float(x); });
+    if (full) {
+#pragma unroll
+      for (int k = 0; k < kPerThread / W; ++k) {
+        BitsOf<S> bits[W];
+#pragma unroll
+        for (int j = 0; j < W; ++j) bits[j] = Storage<S>::from_float(in[k * W + j]);
+        store_vectors(base, k, bits);
+      }
+    } else {
+      store_tail(base, [&](int i) { return Storage<S>::from_float(in[i]); });
+    }
   }
 
   // Stores one array's 1- or 2-byte slots, slot i's value x as the bits of S from bit SHIFT of the
@@ -289,12 +295,9 @@ struct Slots {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) words[i] = to_word(in[i], i);
     if (full) {
-      using Vector = typename RawSlots<S, W>::Vector;
-      constexpr int kStores = RawSlots<S, W>::kPerGroup;
       constexpr int kPerWord = 4 / kBytes;
 #pragma unroll
       for (int k = 0; k < kPerThread / W; ++k) {
-        const int first = (k * kThreads + int(threadIdx.x)) * W;
         uint32_t packed[W / kPerWord];
 #pragma unroll
         for (int w = 0; w < W / kPerWord; ++w) {
@@ -306,18 +309,10 @@ struct Slots {
             packed[w] = __byte_perm(__byte_perm(word[0], word[1], kPair), __byte_perm(word[2], word[3], kPair), 0x5410);
           }
         }
-        Vector raw[kStores];
-        memcpy(raw, packed, sizeof(raw));
-#pragma unroll
-        for (int l = 0; l < kStores; ++l) reinterpret_cast<Vector*>(base + first)[l] = raw[l];
+        store_vectors(base, k, packed);
       }
     } else {
-      Bits* dst = reinterpret_cast<Bits*>(base);
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i) {
-        const int e = i * kThreads + int(threadIdx.x);
-        if (e < count) dst[e] = Bits(words[i] >> SHIFT);
-      }
+      store_tail(base, [&](int i) { return Bits(words[i] >> SHIFT); });
     }
   }
 
