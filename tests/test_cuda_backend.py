@@ -596,6 +596,41 @@ def hyper_of(seg, hyper, t):
     return {name: row[column] for name, column in seg.columns.items()}
 
 
+def check_grads_and_gaps(seg, before):
+    """The grads, and the gaps around the views in the shared param and grad buffers, as they
+    were: the update writes neither."""
+    for t, grad in enumerate(seg.grads):
+        if grad is not None:
+            assert_same_bits(memory_order(grad), before.grads[t], f"grad {t}")
+    for kind, buffer in seg.shared.items():
+        gaps = torch.ones(buffer.numel(), dtype=torch.bool, device=buffer.device)
+        for tensor in seg.params if kind == "param" else seg.grads:
+            offset = 0 if tensor is None else tensor.data_ptr() - buffer.data_ptr()
+            if tensor is not None and 0 <= offset < buffer.numel() * buffer.element_size():
+                start = offset // buffer.element_size()
+                gaps[start:start + tensor.numel()] = False
+        assert_same_bits(buffer[gaps], before.shared[kind][gaps], f"gaps of the shared {kind}s")
+
+
+def expected_partials(seg, hyper, t, span, p_old, p_new, states, v_prev, *, found_inf):
+    """float64 [len(STATS)]: the statistics of elements `span` of tensor t from the values the
+    kernel sees (params old and new, the states after the step and v before it, each already
+    sliced to the span) in float64 sums."""
+    h = hyper_of(seg, hyper, t)
+    exp = [p_new.square().sum(), 0.0 if found_inf else (p_new - p_old).square().sum()]
+    if seg.algorithm == "adamw":
+        step = seg.step[t].item()
+        vhat = (states[1] / f32(1 - h["beta2"] ** step if step > 0 else 1.0)).double()
+        g = seg.unscaled_grad(t)[span]
+        decreased = 0 if found_inf else int((g * g < v_prev).sum())
+        exp += [vhat.min(), vhat.max(), vhat.sum(), decreased]
+    elif seg.algorithm == "sgd" and h["momentum"] == 0:
+        exp.append(0.0)  # the buffer is not touched, its statistic is 0
+    else:
+        exp.append(states[0].double().square().sum())
+    return torch.tensor([float(x) for x in exp], dtype=torch.float64)
+
+
 def check_update(seg, hyper, before, partials, *, found_inf):
     """Params and states against expected_step bit for bit; unchanged where nothing may be
     written (found_inf, skipped tensors, the other segment's tensor, grads, the gaps around the
@@ -617,17 +652,7 @@ def check_update(seg, hyper, before, partials, *, found_inf):
         assert_same_bits(p_after.cpu(), expected.cpu(), f"param {t}")
         for i, (ours, exp) in enumerate(zip(s_after, states)):
             assert_same_bits(ours.cpu(), exp.cpu(), f"state{i + 1} of tensor {t}")
-    for t, grad in enumerate(seg.grads):
-        if grad is not None:
-            assert_same_bits(memory_order(grad), before.grads[t], f"grad {t}")
-    for kind, buffer in seg.shared.items():
-        gaps = torch.ones(buffer.numel(), dtype=torch.bool, device=buffer.device)
-        for tensor in seg.params if kind == "param" else seg.grads:
-            offset = 0 if tensor is None else tensor.data_ptr() - buffer.data_ptr()
-            if tensor is not None and 0 <= offset < buffer.numel() * buffer.element_size():
-                start = offset // buffer.element_size()
-                gaps[start:start + tensor.numel()] = False
-        assert_same_bits(buffer[gaps], before.shared[kind][gaps], f"gaps of the shared {kind}s")
+    check_grads_and_gaps(seg, before)
     padding = torch.ones(seg.num_blocks * BLOCK, dtype=torch.bool, device=seg.device)
     for t in seg.members:
         padding[seg.state_start[t]:seg.state_start[t] + seg.params[t].numel()] = False
@@ -656,20 +681,10 @@ def check_partials(seg, hyper, before, partials, *, found_inf):
         p_old = before.params[t][span].cpu().double()
         p_new = memory_order(seg.params[t])[span].cpu().double()
         states = [s[span].cpu() for s in seg.state_of(t, seg.states)]
-        h = hyper_of(seg, hyper, t)
-        exp = [p_new.square().sum(), (p_new - p_old).square().sum()]
-        if seg.algorithm == "adamw":
-            step = seg.step[t].item()
-            vhat = (states[1] / f32(1 - h["beta2"] ** step if step > 0 else 1.0)).double()
-            g = seg.unscaled_grad(t)[span]
-            v_prev = seg.state_of(t, before.states)[1][span].cpu()
-            decreased = 0 if found_inf else int((g * g < v_prev).sum())
-            exp += [vhat.min(), vhat.max(), vhat.sum(), decreased]
-        elif seg.algorithm == "sgd" and h["momentum"] == 0:
-            exp.append(0.0)  # the buffer is not touched, its statistic is 0
-        else:
-            exp.append(states[0].double().square().sum())
-        exp = torch.tensor([float(x) for x in exp], dtype=torch.float64)
+        prev = seg.state_of(t, before.states)
+        v_prev = prev[1][span].cpu() if len(prev) > 1 else None
+        exp = expected_partials(seg, hyper, t, span, p_old, p_new, states, v_prev,
+                                found_inf=found_inf)
         if found_inf:
             assert column[1].item() == 0.0, f"block {b}: a skipped step has no update"
         torch.testing.assert_close(column, exp, rtol=1e-5, atol=1e-30, msg=f"block {b}")

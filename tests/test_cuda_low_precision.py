@@ -31,8 +31,8 @@ from fusedopt import cuda_backend
 from fusedopt.engine import backends, int8, layout, master, stochastic
 import test_cuda_backend
 from test_cuda_backend import (BLOCK, CONFIGS, Segment, _extension, algorithm_module,
-                               assert_same_bits, call_update, cpu_layout, expected_step, hyper_of,
-                               memory_order)
+                               assert_same_bits, call_update, check_grads_and_gaps, cpu_layout,
+                               expected_partials, expected_step, hyper_of, memory_order)
 
 # test_cuda_backend's fixtures: cuda (the device, or a skip saying what is missing) and recorder
 # (the wrapper on CPU tensors with a recording extension).
@@ -422,17 +422,7 @@ def check_tier_update(seg, hyper, before, partials, *, found_inf):
         assert s_after.keys() == states.keys()
         for name, ours in s_after.items():
             assert_same_bits(ours, states[name], f"{name} of tensor {t}")
-    for t, grad in enumerate(seg.grads):
-        if grad is not None:
-            assert_same_bits(memory_order(grad), before.grads[t], f"grad {t}")
-    for kind, buffer in seg.shared.items():
-        gaps = torch.ones(buffer.numel(), dtype=torch.bool, device=buffer.device)
-        for tensor in seg.params if kind == "param" else seg.grads:
-            offset = 0 if tensor is None else tensor.data_ptr() - buffer.data_ptr()
-            if tensor is not None and 0 <= offset < buffer.numel() * buffer.element_size():
-                start = offset // buffer.element_size()
-                gaps[start:start + tensor.numel()] = False
-        assert_same_bits(buffer[gaps], before.shared[kind][gaps], f"gaps of the shared {kind}s")
+    check_grads_and_gaps(seg, before)
     seg.check_padding(before)
     assert_same_bits(seg.step, before.step, "tensor_step")
     assert_same_bits(seg.globals, before.globals, "globals")
@@ -468,22 +458,10 @@ def check_tier_partials(seg, hyper, before, partials, *, found_inf):
                 cache[t] = (old, seen, states, v_prev)
         old, seen, states, v_prev = cache[t]
         span = slice(first, first + count)
-        p_old, p_new = old[span].double(), seen[span].double()
-        h = hyper_of(seg, hyper, t)
-        exp = [p_new.square().sum(), 0.0 if found_inf else (p_new - p_old).square().sum()]
-        if seg.algorithm == "adamw":
-            step = seg.step[t].item()
-            correction = torch.tensor(1 - h["beta2"] ** step if step > 0 else 1.0,
-                                      dtype=torch.float32)
-            vhat = (states[1][span] / correction).double()
-            g = seg.unscaled_grad(t)[span]
-            decreased = 0 if found_inf else int((g * g < v_prev[1][span]).sum())
-            exp += [vhat.min(), vhat.max(), vhat.sum(), decreased]
-        elif seg.algorithm == "sgd" and h["momentum"] == 0:
-            exp.append(0.0)
-        else:
-            exp.append(states[0][span].double().square().sum())
-        exp = torch.tensor([float(x) for x in exp], dtype=torch.float64)
+        exp = expected_partials(seg, hyper, t, span, old[span].double(), seen[span].double(),
+                                [s[span] for s in states],
+                                v_prev[1][span] if v_prev is not None and len(v_prev) > 1 else None,
+                                found_inf=found_inf)
         torch.testing.assert_close(column, exp, rtol=1e-5, atol=1e-30, msg=f"block {b}")
 
 
