@@ -28,10 +28,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The update's state buffers: fp32, or bf16 rounded stochastically; or, with their group scale
 # bytes (scale1, scale2), the uint8 codes of 8-bit state.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
-INT8_CODES = torch.uint8
 # Storage dtype codes of csrc/launchers.h (fusedopt::Dtype), and the state's (StateDtype).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_STATE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, INT8_CODES: 3}
+_STATE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, int8.CODES_DTYPE: 3}
 
 BUILD_HINT = (
     "the CUDA backend needs the compiled extension fusedopt._C, which is not built. Build it with "
@@ -287,7 +286,7 @@ def _check_scales(algorithm, states, state1, scale1, scale2):
     """The 8-bit state's arguments of update: with uint8 state (codes), each state's group scale
     bytes, uint8 [state1.numel() // int8.GROUP] (scale2 None for a one-state algorithm); None for
     fp32 and bf16 state. Returns whether the state is 8-bit."""
-    codes = isinstance(state1, torch.Tensor) and state1.dtype == INT8_CODES
+    codes = isinstance(state1, torch.Tensor) and state1.dtype == int8.CODES_DTYPE
     if codes and state1.dim() == 1 and state1.numel() % int8.GROUP:
         raise ValueError(f"state1 of 8-bit state must hold whole groups of {int8.GROUP} codes, "
                          f"got {state1.numel()} elements")
@@ -304,7 +303,7 @@ def _check_scales(algorithm, states, state1, scale1, scale2):
             got = _dtype_name(state1.dtype) if isinstance(state1, torch.Tensor) else "no tensor"
             raise ValueError(f"{name} must be None unless the state is uint8 (8-bit codes), got "
                              f"state1 of {got}")
-        _check(name, scale, (INT8_CODES,), 1)
+        _check(name, scale, (int8.CODES_DTYPE,), 1)
         _shape(name, scale, (state1.numel() // int8.GROUP,))
     return codes
 
@@ -336,7 +335,7 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     code = _storage_dtype(dtype)
     num_blocks, num_tensors = _segment(block_tensor, tensor_table)
     int8_state = _check_scales(algorithm, states, state1, scale1, scale2)
-    state_dtypes = (INT8_CODES,) if int8_state else STATE_DTYPES
+    state_dtypes = (int8.CODES_DTYPE,) if int8_state else STATE_DTYPES
     _check("state1", state1, state_dtypes, 1)
     if states == 2:
         _check("state2", state2, state_dtypes, 1)

@@ -15,16 +15,15 @@ from collections import defaultdict
 import torch
 
 from fusedopt import checkpoint, distributed
-from fusedopt.engine import backends, master
+from fusedopt.engine import backends, int8, master
 from fusedopt.engine.step import Engine, ScaleInputs
-from fusedopt.engine.tables import INT8_CODES
 from fusedopt.stats import StepStats
 
 
 # state_dtype: the optimizer state's storage. bf16 is rounded stochastically
 # (fusedopt/engine/stochastic.py), int8 is 8-bit codes with group scales (fusedopt/engine/int8.py);
 # None keeps the default (fp32, float64 for float64 params).
-STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": INT8_CODES}
+STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": int8.CODES_DTYPE}
 
 
 class FusedOptimizer(torch.optim.Optimizer):

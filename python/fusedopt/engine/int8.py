@@ -58,6 +58,8 @@ from __future__ import annotations
 import torch
 
 GROUP = 32
+# The storage of the codes, one byte per element.
+CODES_DTYPE = torch.uint8
 EXPONENT_BITS = 3
 TOP_EXPONENT = (1 << EXPONENT_BITS) - 1
 MANTISSA_BITS = {"signed": 4, "sqrt": 5}

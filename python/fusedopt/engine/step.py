@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from fusedopt import distributed
-from fusedopt.engine import backends, layout, master
+from fusedopt.engine import backends, int8, layout, master
 from fusedopt.engine.reference import ReferenceTensor, reference_step, scaler_update
-from fusedopt.engine.tables import INT8_CODES, DeviceTables, Segment, is_dense, same_layout
+from fusedopt.engine.tables import DeviceTables, Segment, is_dense, same_layout
 
 
 class Engine:
@@ -22,7 +22,7 @@ class Engine:
     `algorithm` is a fusedopt.algorithms module; `entries` the (param, group index, name) of
     every param in optimizer order; `master_bits` None, 24 or 32: master weights for bf16 params
     (fusedopt/engine/master.py); `state_storage` None (fp32 state), torch.bfloat16 (rounded
-    stochastically, fusedopt/engine/stochastic.py) or tables.INT8_CODES (8-bit codes and group
+    stochastically, fusedopt/engine/stochastic.py) or int8.CODES_DTYPE (8-bit codes and group
     scales, fusedopt/engine/int8.py). Public surface: `devices` (DeviceTables by device),
     `state_view(p, name)` (the storage), `state_value(p, name)` / `load_state(p, name, value)`
     (the numbers), `scale_view(p, name)`, `remainder_view(p)`, `step_count(p)`,
@@ -144,7 +144,7 @@ class Engine:
     def state_feature(self):
         """The state_dtype option as backends.FEATURE_BACKENDS names it."""
         return {torch.bfloat16: "state_dtype='bf16'",
-                INT8_CODES: "state_dtype='int8'"}[self.state_storage]
+                int8.CODES_DTYPE: "state_dtype='int8'"}[self.state_storage]
 
     def remainder_view(self, p):
         """The master-weight remainder of p (this rank's shard), None where p keeps no master."""
@@ -343,7 +343,7 @@ class Engine:
                 state = {n: self.state_view(p, n) for n in self.algorithm.STATE}
                 remainder = self.remainder_view(p)
                 _, seg, i, _ = self.slots[p]
-                rounded = seg.state_storage in (torch.bfloat16, INT8_CODES)
+                rounded = seg.state_storage in (torch.bfloat16, int8.CODES_DTYPE)
                 tensor = ReferenceTensor(param=t.data, grad=g if group_index >= 0 else None,
                                          state=state, hyper=hyper,
                                          step=int(ds.tensor_step[position]), remainder=remainder,

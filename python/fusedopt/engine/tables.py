@@ -39,10 +39,6 @@ def same_layout(a, b) -> bool:
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
 
 
-# 8-bit state: one byte of code per element (fusedopt/engine/int8.py).
-INT8_CODES = torch.uint8
-
-
 def state_dtype(param_dtype):
     # fp32 state for half params (a bf16 second moment loses the small updates that
     # beta2 = 0.999 makes: 1 - 0.999 is below bf16's 2^-8 relative step); float64 stays float64
@@ -82,7 +78,7 @@ class Segment:
                        for name in state_names}
         # 8-bit state: each state's format and the scale byte of each group of int8.GROUP
         # elements (STATE_ALIGN is a multiple of the group, so no group spans two tensors).
-        self.int8 = self.state_storage == INT8_CODES
+        self.int8 = self.state_storage == int8.CODES_DTYPE
         self.codes = dict(zip(state_names, state_codes or ()))
         self.scales = {name: torch.zeros(total // int8.GROUP, dtype=torch.uint8, device=device)
                        for name in state_names} if self.int8 else None
