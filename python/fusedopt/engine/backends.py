@@ -38,7 +38,7 @@ def available(name: str) -> bool:
 # The low-precision tier's options, by the backends that implement them: master weights for
 # bf16 params (fusedopt/engine/master.py), bf16 state with stochastic rounding
 # (fusedopt/engine/stochastic.py) and 8-bit state (fusedopt/engine/int8.py) are in every
-# backend, the kernels doing the specifications' integer operations (the Triton update,
+# backend, the kernels doing the specifications' operations (the Triton update,
 # csrc/update.cu). 'auto' skips a backend missing from a feature's entry, and an explicit one is
 # refused by name (check_features).
 FEATURE_BACKENDS = {"master_weight_bits": ("reference", "triton", "cuda"),
