@@ -261,17 +261,19 @@ def _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_el
                 NUM_STATS: tl.constexpr, DTYPE: tl.constexpr, MASTER_BITS: tl.constexpr,
                 STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr, SQRT1: tl.constexpr,
                 SQRT2: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
-                CHUNK: tl.constexpr):
+                CHUNK: tl.constexpr, STAGES: tl.constexpr):
     """A block of BLOCK elements (`limit` of them in the tensor) in chunks of CHUNK, one after
     the other: a chunk's elements are all a thread holds live, so fewer registers per thread
-    let more warps share an SM and hide each other's latencies. The step's scalars are formed
-    once, before the chunks. With statistics the block is one chunk (update(), UPDATE_CHUNK),
+    let more warps share an SM and hide each other's latencies. With STAGES > 1 Triton's
+    pipeliner issues the loads of the next STAGES - 1 chunks (asynchronous copies into shared
+    memory, no registers) before a chunk is computed. The step's scalars are formed once,
+    before the chunks. With statistics the block is one chunk (update(), UPDATE_CHUNK),
     whose statistics are the block's partials."""
     tl.static_assert(CHUNK == BLOCK or not STATS, "statistics take the block in one chunk")
     k = ALGO_COEFFICIENTS(row, step)
     uses_state = ALGO_USES_STATE(row)
     offsets = tl.arange(0, CHUNK)
-    for start in range(0, BLOCK, CHUNK):
+    for start in tl.range(0, BLOCK, CHUNK, num_stages=STAGES):
         start = tl.multiple_of(start, CHUNK)
         mask = offsets < limit - start
         group_mask = tl.arange(0, CHUNK // INT8_GROUP) * INT8_GROUP < limit - start
@@ -294,7 +296,7 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
                   NUM_STATS: tl.constexpr, STAT_OPS: tl.constexpr, DTYPE: tl.constexpr,
                   MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr,
                   STATE_INT8: tl.constexpr, SQRT1: tl.constexpr, SQRT2: tl.constexpr,
-                  STATS: tl.constexpr, CHUNK: tl.constexpr):
+                  STATS: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
     group = tl.load(table_ptr + GROUP * num_tensors + tensor)
@@ -348,7 +350,7 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
                     numel - first, row, step, pid, globals_ptr, stats_ptr, stats_stride,
                     ALGO_COEFFICIENTS, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS,
                     DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS,
-                    False, CHUNK)
+                    False, CHUNK, STAGES)
     else:
         param = param_addr.to(tl.pointer_type(DTYPE)) + first
         grad = grad_addr.to(tl.pointer_type(DTYPE)) + first
@@ -356,7 +358,7 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
                     numel - first, row, step, pid, globals_ptr, stats_ptr, stats_stride,
                     ALGO_COEFFICIENTS, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS,
                     DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS,
-                    True, CHUNK)
+                    True, CHUNK, STAGES)
 
 
 # 4 warps: 10.28 ms at 1.1B fp32 on the H100 against 11.76 ms with 8 and 11.12 ms with 16 (one
@@ -366,9 +368,14 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
 # 7.73 against 8.48, and fp32 params 8.46 against 8.66 (1024: 8.39; 256 is slower in every
 # mode). With statistics a block is one chunk: each chunk reduces its statistics through shared
 # memory, and in chunks of 512 that cost 23% at 1.1B fp32 (10.43 against 8.45 ms; one chunk:
-# 9.11 against 8.60 ms in an earlier run).
+# 9.11 against 8.60 ms in an earlier run). Loads pipelined 3 chunks deep (H200, 1.1B, one run
+# against the unpipelined loop): bf16 params (24, int8) 6.77 -> 6.69 ms, (24, bf16) 5.39 -> 5.14,
+# (32, bf16) 5.70 -> 5.56, fp32 state 6.66 -> 6.58, fp32 params 8.44 -> 8.40; 2 stages are
+# slower than none in every mode (int8 7.59), and so is prefetching the next chunk into
+# registers by hand (int8 7.59, 128 registers a thread against 96).
 UPDATE_WARPS = 4
 UPDATE_CHUNK = 512
+UPDATE_STAGES = 3
 
 _TRITON_DTYPES = {"torch.float32": tl.float32, "torch.bfloat16": tl.bfloat16,
                   "torch.float16": tl.float16}
@@ -404,4 +411,5 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
         DTYPE=triton_dtype(dtype), MASTER_BITS=master_bits if remainder is not None else 0,
         STATE_BF16=state1.dtype == torch.bfloat16, STATE_INT8=scale1 is not None,
         SQRT1=codes[0] == "sqrt", SQRT2=codes[1] == "sqrt",
-        STATS=stats, CHUNK=BLOCK if stats else UPDATE_CHUNK, num_warps=UPDATE_WARPS)
+        STATS=stats, CHUNK=BLOCK if stats else UPDATE_CHUNK, STAGES=1 if stats else UPDATE_STAGES,
+        num_warps=UPDATE_WARPS)
