@@ -52,7 +52,7 @@ def test_cuda_backend_takes_the_tier(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='cuda' runs on CUDA tensors"):
         backends.resolve("cuda", torch.device("cpu"), [BF16], TIER)
     # With the extension and a GPU, 'auto' takes CUDA first for the tier too, except for the
-    # features it skips on CUDA until they have run on a GPU (backends.AUTO_SKIPS).
+    # features whose CUDA kernels are slower than Triton's (backends.AUTO_SKIPS).
     monkeypatch.setattr(backends, "available", lambda name: True)
     gpu = torch.device("cuda", 0)
     assert backends.AUTO_GPU_ORDER[0] == "cuda"

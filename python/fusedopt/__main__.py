@@ -70,7 +70,7 @@ def info() -> None:
 
     for feature, names in backends.FEATURE_BACKENDS.items():
         skipped = backends.AUTO_SKIPS.get(feature, ())
-        note = f" ('auto' does not pick {', '.join(skipped)} yet)" if skipped else ""
+        note = f" ('auto' skips {', '.join(skipped)}: slower)" if skipped else ""
         print(f"{feature} runs on: {', '.join(names)}{note}")
     if torch.cuda.is_available():
         chosen = backends.resolve("auto", torch.device("cuda"), [torch.float32])
