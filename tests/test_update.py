@@ -148,6 +148,23 @@ def test_nonfinite_grad_leaves_everything_bit_identical(kernel_backend, device, 
     assert not torch.isfinite(torch.tensor(g["grad_norm"]))
 
 
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_a_skipped_steps_statistics_match_the_reference(kernel_backend, device, case):
+    """A step with an inf reports the state as it stands (weight norms, v-hat, the momentum's
+    norm) as the reference does, over a tensor of a full block and a tail."""
+    runs = [make(case, backend, device, torch.float32, clip=1.0)
+            for backend in (kernel_backend, "reference")]
+    for params, opt in runs:
+        gen = torch.Generator().manual_seed(5)
+        set_grads(params, gen)
+        opt.step()
+        set_grads(params, gen)
+        params[0].grad.view(-1)[-1] = float("inf")
+        opt.step()
+        assert opt.stats().to_dict()["global"]["skipped_steps"] == 1
+    assert_same_stats(runs[0][1], runs[1][1], torch.float32)
+
+
 def test_fused_scaler_matches_reference_scaler(kernel_backend, device):
     """fusedopt.GradScaler's scale trajectory (backoff on inf, growth) in the fused finalize."""
     runs = []

@@ -64,6 +64,19 @@ def weight_decay_coefficient(row):
 
 
 @triton.jit
+def _sum_three(w1, d1, s1, w2, d2, s2):
+    return w1 + w2, d1 + d2, s1 + s2
+
+
+@triton.jit
+def reduce_three_sums(a0, a1, a2, a3, a4, a5):
+    """A block's three summed statistics (SGD's and Lion's columns) from their per-element
+    running values, in one reduction; the columns they do not have are 0."""
+    c0, c1, c2 = tl.reduce((a0, a1, a2), 0, _sum_three)
+    return c0, c1, c2, 0.0, 0.0, 0.0
+
+
+@triton.jit
 def common_stats(p_new, p_old, mask, MASKED: tl.constexpr):
     """The per-element operands of weight_sumsq and update_sumsq; masked lanes (which loaded 0
     and computed garbage from it) contribute 0. Only tail blocks pay for the selects: applied to

@@ -22,6 +22,7 @@ from .layout import (BLOCK, BLOCK_START, CLIP_COEF, FOUND_INF, GRAD_ADDR, GROUP,
                      INT8_GROUP, INT8_MIN_SCALE, INT8_SIGNED_MANTISSA, INT8_SPLIT,
                      INT8_SQRT_MANTISSA, INT8_TOP_EXPONENT, INV_SCALE, NUMEL, PARAM_ADDR,
                      STATE_ALIGN, STATE_START)
+from .math import INTERPRETED
 
 
 @triton.jit
@@ -212,13 +213,76 @@ def _neutral(OPS: tl.constexpr, COLUMN: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(total, value, OPS: tl.constexpr, COLUMN: tl.constexpr):
+    """Column COLUMN's running per-element statistic merged with a chunk's operands."""
+    op: tl.constexpr = (OPS >> (2 * COLUMN)) & 3
+    result = total + value
+    if op == 1:
+        result = tl.minimum(total, value)
+    elif op == 2:
+        result = tl.maximum(total, value)
+    return result
+
+
+@triton.jit
+def _neutral_columns(CHUNK: tl.constexpr, OPS: tl.constexpr):
+    """Six per-element running statistics at their columns' neutral values."""
+    start = tl.zeros([CHUNK], dtype=tl.float32)
+    return (start + _neutral(OPS, 0), start + _neutral(OPS, 1), start + _neutral(OPS, 2),
+            start + _neutral(OPS, 3), start + _neutral(OPS, 4), start + _neutral(OPS, 5))
+
+
+@triton.jit
+def _accumulate_columns(a0, a1, a2, a3, a4, a5, t0, t1, t2, t3, t4, t5, NUM_STATS: tl.constexpr,
+                        OPS: tl.constexpr):
+    """The running statistics merged with a chunk's per-element operands, column by column."""
+    a0 = _accumulate(a0, t0, OPS, 0)
+    a1 = _accumulate(a1, t1, OPS, 1)
+    a2 = _accumulate(a2, t2, OPS, 2)
+    if NUM_STATS > 3:
+        a3 = _accumulate(a3, t3, OPS, 3)
+        a4 = _accumulate(a4, t4, OPS, 4)
+        a5 = _accumulate(a5, t5, OPS, 5)
+    return a0, a1, a2, a3, a4, a5
+
+
+@triton.jit
+def _reduce_column(total, OPS: tl.constexpr, COLUMN: tl.constexpr):
+    op: tl.constexpr = (OPS >> (2 * COLUMN)) & 3
+    result = tl.sum(total, axis=0)
+    if op == 1:
+        result = tl.min(total, axis=0)
+    elif op == 2:
+        result = tl.max(total, axis=0)
+    return result
+
+
+@triton.jit
+def _reduce_block(a0, a1, a2, a3, a4, a5, ALGO_REDUCE: tl.constexpr, NUM_STATS: tl.constexpr,
+                  OPS: tl.constexpr):
+    """A block's statistics from their per-element running values: compiled, the algorithm's
+    one reduction of all its columns; interpreted, one column at a time (the interpreter runs a
+    tl.reduce's combine element by element, math.INTERPRETED)."""
+    if INTERPRETED:
+        c3, c4, c5 = 0.0, 0.0, 0.0
+        c0, c1, c2 = (_reduce_column(a0, OPS, 0), _reduce_column(a1, OPS, 1),
+                      _reduce_column(a2, OPS, 2))
+        if NUM_STATS > 3:
+            c3, c4, c5 = (_reduce_column(a3, OPS, 3), _reduce_column(a4, OPS, 4),
+                          _reduce_column(a5, OPS, 5))
+    else:
+        c0, c1, c2, c3, c4, c5 = ALGO_REDUCE(a0, a1, a2, a3, a4, a5)
+    return c0, c1, c2, c3, c4, c5
+
+
+@triton.jit
 def _step_chunk(param, grad, state1, state2, scale1, scale2, remainder, state_element, offsets,
                 mask, group_mask, uses_state, k, step, globals_ptr, ALGO_UPDATE: tl.constexpr,
                 NUM_STATES: tl.constexpr, DTYPE: tl.constexpr,
                 MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr,
                 SQRT1: tl.constexpr, SQRT2: tl.constexpr, STATS: tl.constexpr,
                 MASKED: tl.constexpr):
-    """One chunk of a block, updated in place; returns its statistics."""
+    """One chunk of a block, updated in place; returns its statistics' per-element operands."""
     p = _load(param, offsets, mask, MASKED).to(tl.float32)
     if MASTER_BITS > 0:
         p = _combine_master(p, _load(remainder, offsets, mask, MASKED), MASTER_BITS)
@@ -257,9 +321,10 @@ def _step_chunk(param, grad, state1, state2, scale1, scale2, remainder, state_el
 def _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_element, limit,
                 row, step, pid, globals_ptr, stats_ptr, stats_stride,
                 ALGO_COEFFICIENTS: tl.constexpr, ALGO_UPDATE: tl.constexpr,
-                ALGO_USES_STATE: tl.constexpr, NUM_STATES: tl.constexpr,
-                NUM_STATS: tl.constexpr, DTYPE: tl.constexpr, MASTER_BITS: tl.constexpr,
-                STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr, SQRT1: tl.constexpr,
+                ALGO_REDUCE: tl.constexpr, ALGO_USES_STATE: tl.constexpr,
+                NUM_STATES: tl.constexpr, NUM_STATS: tl.constexpr, STAT_OPS: tl.constexpr,
+                DTYPE: tl.constexpr, MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr,
+                STATE_INT8: tl.constexpr, SQRT1: tl.constexpr,
                 SQRT2: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
                 CHUNK: tl.constexpr, STAGES: tl.constexpr):
     """A block of BLOCK elements (`limit` of them in the tensor) in chunks of CHUNK, one after
@@ -267,31 +332,85 @@ def _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_el
     let more warps share an SM and hide each other's latencies. With STAGES > 1 Triton's
     pipeliner issues the loads of the next STAGES - 1 chunks (asynchronous copies into shared
     memory, no registers) before a chunk is computed. The step's scalars are formed once,
-    before the chunks. With statistics the block is one chunk (update(), UPDATE_CHUNK),
-    whose statistics are the block's partials."""
-    tl.static_assert(CHUNK == BLOCK or not STATS, "statistics take the block in one chunk")
+    before the chunks. Statistics of full blocks run per element across the chunks (each
+    column's running sum, min or max) and are reduced once, at the block's end: a reduction per
+    chunk costs a round through shared memory each time. Masked blocks (tensor tails, unaligned
+    tensors: rare) reduce each chunk and keep scalars, which holds their registers down, and
+    registers are allocated for the whole kernel (sm_90, fp32 params: 113 a thread against 157
+    with per-element running values in both paths; 80 for the full blocks' path alone)."""
     k = ALGO_COEFFICIENTS(row, step)
     uses_state = ALGO_USES_STATE(row)
     offsets = tl.arange(0, CHUNK)
+    if MASKED:
+        a0, a1, a2 = _neutral(STAT_OPS, 0), _neutral(STAT_OPS, 1), _neutral(STAT_OPS, 2)
+        a3, a4, a5 = _neutral(STAT_OPS, 3), _neutral(STAT_OPS, 4), _neutral(STAT_OPS, 5)
+    else:
+        a0, a1, a2, a3, a4, a5 = _neutral_columns(CHUNK, STAT_OPS)
     for start in tl.range(0, BLOCK, CHUNK, num_stages=STAGES):
         start = tl.multiple_of(start, CHUNK)
         mask = offsets < limit - start
         group_mask = tl.arange(0, CHUNK // INT8_GROUP) * INT8_GROUP < limit - start
-        c0, c1, c2, c3, c4, c5 = _step_chunk(
+        t0, t1, t2, t3, t4, t5 = _step_chunk(
             param + start, grad + start, state1 + start, state2 + start,
             scale1 + start // INT8_GROUP, scale2 + start // INT8_GROUP, remainder + start,
             state_element + start, offsets, mask, group_mask, uses_state, k, step, globals_ptr,
             ALGO_UPDATE, NUM_STATES, DTYPE, MASTER_BITS, STATE_BF16,
             STATE_INT8, SQRT1, SQRT2, STATS, MASKED)
         if STATS:
-            _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
+            if MASKED:
+                t0, t1, t2, t3, t4, t5 = _reduce_block(t0, t1, t2, t3, t4, t5, ALGO_REDUCE,
+                                                       NUM_STATS, STAT_OPS)
+            a0, a1, a2, a3, a4, a5 = _accumulate_columns(a0, a1, a2, a3, a4, a5, t0, t1, t2, t3,
+                                                         t4, t5, NUM_STATS, STAT_OPS)
+    if STATS:
+        c0, c1, c2, c3, c4, c5 = a0, a1, a2, a3, a4, a5
+        if not MASKED:
+            c0, c1, c2, c3, c4, c5 = _reduce_block(a0, a1, a2, a3, a4, a5, ALGO_REDUCE,
+                                                   NUM_STATS, STAT_OPS)
+        _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
+
+
+@triton.jit
+def _observe_block(param, state1, state2, scale1, scale2, remainder, limit, row, step, pid,
+                   stats_ptr, stats_stride, ALGO_OBSERVE: tl.constexpr,
+                   ALGO_REDUCE: tl.constexpr, ALGO_USES_STATE: tl.constexpr,
+                   NUM_STATES: tl.constexpr, NUM_STATS: tl.constexpr, STAT_OPS: tl.constexpr,
+                   MASTER_BITS: tl.constexpr, STATE_INT8: tl.constexpr, SQRT1: tl.constexpr,
+                   SQRT2: tl.constexpr, CHUNK: tl.constexpr):
+    """A skipped step's statistics of a block (the unchanged state), in chunks like the update:
+    registers are allocated for the whole kernel, so a block-wide path here would cost the
+    update's occupancy too."""
+    uses_state = ALGO_USES_STATE(row)
+    offsets = tl.arange(0, CHUNK)
+    a0, a1, a2, a3, a4, a5 = _neutral_columns(CHUNK, STAT_OPS)
+    for start in range(0, BLOCK, CHUNK):
+        mask = offsets < limit - start
+        group_mask = tl.arange(0, CHUNK // INT8_GROUP) * INT8_GROUP < limit - start
+        p = tl.load(param + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        if MASTER_BITS > 0:
+            p = _combine_master(p, tl.load(remainder + start + offsets, mask=mask, other=0),
+                                MASTER_BITS)
+        s1 = tl.zeros([CHUNK], dtype=tl.float32)
+        s2 = tl.zeros([CHUNK], dtype=tl.float32)
+        if uses_state:
+            s1 = _load_state(state1 + start, scale1 + start // INT8_GROUP, offsets, mask,
+                             group_mask, SQRT1, STATE_INT8, True)
+            if NUM_STATES > 1:
+                s2 = _load_state(state2 + start, scale2 + start // INT8_GROUP, offsets, mask,
+                                 group_mask, SQRT2, STATE_INT8, True)
+        t0, t1, t2, t3, t4, t5 = ALGO_OBSERVE(p, s1, s2, row, step, mask)
+        a0, a1, a2, a3, a4, a5 = _accumulate_columns(a0, a1, a2, a3, a4, a5, t0, t1, t2, t3, t4,
+                                                     t5, NUM_STATS, STAT_OPS)
+    c0, c1, c2, c3, c4, c5 = _reduce_block(a0, a1, a2, a3, a4, a5, ALGO_REDUCE, NUM_STATS,
+                                           STAT_OPS)
+    _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
 
 
 @triton.jit
 def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_ptr, scale1_ptr,
                   scale2_ptr, remainder_ptr, tensor_step_ptr, hyper_ptr, globals_ptr, stats_ptr,
                   stats_stride, ALGO_COEFFICIENTS: tl.constexpr, ALGO_UPDATE: tl.constexpr,
-                  ALGO_OBSERVE: tl.constexpr,
+                  ALGO_REDUCE: tl.constexpr, ALGO_OBSERVE: tl.constexpr,
                   ALGO_USES_STATE: tl.constexpr, NUM_STATES: tl.constexpr,
                   NUM_STATS: tl.constexpr, STAT_OPS: tl.constexpr, DTYPE: tl.constexpr,
                   MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr,
@@ -309,12 +428,9 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
                                    STATE_ALIGN)
     param_addr = tl.load(table_ptr + PARAM_ADDR * num_tensors + tensor)
     grad_addr = tl.load(table_ptr + GRAD_ADDR * num_tensors + tensor)
-    offsets = tl.arange(0, BLOCK)
-    mask = offsets < numel - first
-    # 8-bit state: the block's groups of INT8_GROUP elements and their scale bytes.
-    group_mask = tl.arange(0, BLOCK // INT8_GROUP) * INT8_GROUP < numel - first
     state1 = state1_ptr + state_element
     state2 = state2_ptr + state_element
+    # 8-bit state: the scale bytes of the block's groups of INT8_GROUP elements.
     scale1 = scale1_ptr + state_element // INT8_GROUP
     scale2 = scale2_ptr + state_element // INT8_GROUP
     remainder = remainder_ptr + state_element
@@ -328,52 +444,40 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
     elif tl.load(globals_ptr + FOUND_INF) != 0:
         if STATS:
             # A skipped step reports the unchanged state.
-            param = param_addr.to(tl.pointer_type(DTYPE)) + first
-            p = tl.load(param + offsets, mask=mask, other=0.0).to(tl.float32)
-            if MASTER_BITS > 0:
-                p = _combine_master(p, tl.load(remainder + offsets, mask=mask, other=0),
-                                    MASTER_BITS)
-            s1 = tl.zeros([BLOCK], dtype=tl.float32)
-            s2 = tl.zeros([BLOCK], dtype=tl.float32)
-            if ALGO_USES_STATE(row):
-                s1 = _load_state(state1, scale1, offsets, mask, group_mask, SQRT1, STATE_INT8,
-                                 True)
-                if NUM_STATES > 1:
-                    s2 = _load_state(state2, scale2, offsets, mask, group_mask, SQRT2,
-                                     STATE_INT8, True)
-            c0, c1, c2, c3, c4, c5 = ALGO_OBSERVE(p, s1, s2, row, step, mask)
-            _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
+            _observe_block(param_addr.to(tl.pointer_type(DTYPE)) + first, state1, state2, scale1,
+                           scale2, remainder, numel - first, row, step, pid, stats_ptr,
+                           stats_stride, ALGO_OBSERVE, ALGO_REDUCE, ALGO_USES_STATE, NUM_STATES,
+                           NUM_STATS, STAT_OPS, MASTER_BITS, STATE_INT8, SQRT1, SQRT2, CHUNK)
     elif (first + BLOCK <= numel) & (param_addr % 16 == 0) & (grad_addr % 16 == 0):
         param = tl.multiple_of(param_addr.to(tl.pointer_type(DTYPE)), 16) + first
         grad = tl.multiple_of(grad_addr.to(tl.pointer_type(DTYPE)), 16) + first
         _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_element,
                     numel - first, row, step, pid, globals_ptr, stats_ptr, stats_stride,
-                    ALGO_COEFFICIENTS, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS,
-                    DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS,
-                    False, CHUNK, STAGES)
+                    ALGO_COEFFICIENTS, ALGO_UPDATE, ALGO_REDUCE, ALGO_USES_STATE, NUM_STATES,
+                    NUM_STATS, STAT_OPS, DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1,
+                    SQRT2, STATS, False, CHUNK, STAGES)
     else:
         param = param_addr.to(tl.pointer_type(DTYPE)) + first
         grad = grad_addr.to(tl.pointer_type(DTYPE)) + first
         _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_element,
                     numel - first, row, step, pid, globals_ptr, stats_ptr, stats_stride,
-                    ALGO_COEFFICIENTS, ALGO_UPDATE, ALGO_USES_STATE, NUM_STATES, NUM_STATS,
-                    DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1, SQRT2, STATS,
-                    True, CHUNK, STAGES)
+                    ALGO_COEFFICIENTS, ALGO_UPDATE, ALGO_REDUCE, ALGO_USES_STATE, NUM_STATES,
+                    NUM_STATS, STAT_OPS, DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1,
+                    SQRT2, STATS, True, CHUNK, STAGES)
 
 
 # 4 warps: 10.28 ms at 1.1B fp32 on the H100 against 11.76 ms with 8 and 11.12 ms with 16 (one
-# 4096-element pass a program, triton.testing.do_bench medians). Chunks of 512 (4 elements a
-# thread at a time, 44-71 registers against 160-255): at 1.1B bf16 on an H200 the (24, int8)
-# step takes 6.71 ms against 8.19 ms in one pass, (24, bf16) 5.39 against 7.13, (32, fp32)
-# 7.73 against 8.48, and fp32 params 8.46 against 8.66 (1024: 8.39; 256 is slower in every
-# mode). With statistics a block is one chunk: each chunk reduces its statistics through shared
-# memory, and in chunks of 512 that cost 23% at 1.1B fp32 (10.43 against 8.45 ms; one chunk:
-# 9.11 against 8.60 ms in an earlier run). Loads pipelined 3 chunks deep (H200, 1.1B, one run
+# 4096-element pass a program, triton.testing.do_bench medians). Chunks of 512 (4 elements a thread
+# at a time, 44-71 registers against 160-255): at 1.1B bf16 on an H200 the (24, int8) step takes
+# 6.71 ms against 8.19 ms in one pass, (24, bf16) 5.39 against 7.13, (32, fp32) 7.73 against 8.48,
+# and fp32 params 8.46 against 8.66 (1024: 8.39; 256 is slower in every mode). Statistics reduced
+# per chunk through shared memory cost 23% at 1.1B fp32 (10.43 against 8.45 ms), hence the
+# per-element running values (_step_block). Loads pipelined 3 chunks deep (H200, 1.1B, one run
 # against the unpipelined loop): bf16 params (24, int8) 6.77 -> 6.69 ms, (24, bf16) 5.39 -> 5.14,
-# (32, bf16) 5.70 -> 5.56, fp32 state 6.66 -> 6.58, fp32 params 8.44 -> 8.40; 2 stages are
-# slower than none in every mode (int8 7.59), and so is prefetching the next chunk into
-# registers by hand (int8 7.59, 128 registers a thread against 96). 4 stages against 3 (another
-# run): fp32 params 8.41 -> 8.31, the rest within 1%.
+# (32, bf16) 5.70 -> 5.56, fp32 state 6.66 -> 6.58, fp32 params 8.44 -> 8.40; 2 stages are slower
+# than none in every mode (int8 7.59), and so is prefetching the next chunk into registers by hand
+# (int8 7.59, 128 registers a thread against 96). 4 stages against 3 (another run): fp32 params
+# 8.41 -> 8.31, the rest within 1%.
 UPDATE_WARPS = 4
 UPDATE_CHUNK = 512
 UPDATE_STAGES = 4
@@ -412,11 +516,12 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
         scale2 if scale2 is not None else (scale1 if scale1 is not None else state1),
         remainder if remainder is not None else state1, tensor_step, hyper, globals_,
         stats_partials if stats else globals_, stats_partials.stride(0) if stats else 0,
-        ALGO_COEFFICIENTS=math.coefficients, ALGO_UPDATE=math.update, ALGO_OBSERVE=math.observe,
+        ALGO_COEFFICIENTS=math.coefficients, ALGO_UPDATE=math.update,
+        ALGO_REDUCE=math.reduce_statistics, ALGO_OBSERVE=math.observe,
         ALGO_USES_STATE=math.uses_state,
         NUM_STATES=math.NUM_STATES, NUM_STATS=math.NUM_STATS, STAT_OPS=math.STAT_OPS,
         DTYPE=triton_dtype(dtype), MASTER_BITS=master_bits if remainder is not None else 0,
         STATE_BF16=state1.dtype == torch.bfloat16, STATE_INT8=int8,
         SQRT1=codes[0] == "sqrt", SQRT2=codes[1] == "sqrt",
-        STATS=stats, CHUNK=BLOCK if stats else UPDATE_CHUNK, STAGES=1 if stats else UPDATE_STAGES,
-        num_warps=UPDATE_WARPS, **({"maxnreg": INT8_MAXNREG} if int8 and not stats else {}))
+        STATS=stats, CHUNK=UPDATE_CHUNK, STAGES=UPDATE_STAGES, num_warps=UPDATE_WARPS,
+        **({"maxnreg": INT8_MAXNREG} if int8 and not stats else {}))

@@ -3,7 +3,8 @@ formed in fp64 as torch.optim forms them in Python doubles:
     p *= 1 - lr*wd*k; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2
     p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 Bytes per element: fp32 params read g, p, m, v and write p, m, v = 28 B; bf16 params 22 B.
-Statistics: sum p_new^2, sum (p_new - p_old)^2, min/max/sum v-hat, count(g^2 < v_prev).
+Statistics: sum p_new^2, sum (p_new - p_old)^2, min/max/sum v-hat, count(g^2 < v_prev):
+update() gives their per-element operands, reduce_statistics() a block's from them.
 """
 import triton
 import triton.language as tl
@@ -12,7 +13,7 @@ import triton.language as tl
 from fusedopt.algorithms.adamw import HYPER, STATE_CODES, STATS
 
 from ..layout import algorithm_column
-from ..math import INTERPRETED, common_stats, lr_and_decay, power, store_rounding
+from ..math import common_stats, lr_and_decay, power, store_rounding
 
 BETA1 = algorithm_column(HYPER, "beta1")
 BETA2 = algorithm_column(HYPER, "beta2")
@@ -26,6 +27,14 @@ STAT_OPS = sum(op << (2 * column) for column, (_, op) in enumerate(STATS))
 @triton.jit
 def _combine(w1, d1, lo1, hi1, s1, c1, w2, d2, lo2, hi2, s2, c2):
     return w1 + w2, d1 + d2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2), s1 + s2, c1 + c2
+
+
+@triton.jit
+def reduce_statistics(a0, a1, a2, a3, a4, a5):
+    """A block's six statistics from their per-element running values in one reduction: one
+    round through shared memory instead of six (sm_90 PTX of the whole kernel, every path:
+    29 -> 19 bar.sync)."""
+    return tl.reduce((a0, a1, a2, a3, a4, a5), 0, _combine)
 
 
 @triton.jit
@@ -61,7 +70,7 @@ def update(p_old, g, m, v, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
     # torch's sqrt() and addcdiv_.
     denom = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps
     p_new = store_rounding(p - step_size * tl.div_rn(m, denom), DTYPE)
-    c0, c1, c2, c3, c4, c5 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    t0, t1, t2, t3, t4, t5 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     if STATS:
         weight_sq, delta_sq = common_stats(p_new.to(tl.float32), p_old, mask, MASKED)
         vhat = v / k[8]
@@ -72,16 +81,8 @@ def update(p_old, g, m, v, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
             vhat_low = tl.where(mask, vhat, float("inf"))
             vhat_high = tl.where(mask, vhat, float("-inf"))
             vhat_sum = tl.where(mask, vhat, 0.0)
-        if INTERPRETED:
-            c0, c1 = tl.sum(weight_sq, axis=0), tl.sum(delta_sq, axis=0)
-            c2, c3 = tl.min(vhat_low, axis=0), tl.max(vhat_high, axis=0)
-            c4, c5 = tl.sum(vhat_sum, axis=0), tl.sum(decreased, axis=0)
-        else:
-            # One reduction of six operands: one round through shared memory instead of six
-            # (sm_90 PTX of the whole kernel, every path: 29 -> 19 bar.sync).
-            c0, c1, c2, c3, c4, c5 = tl.reduce(
-                (weight_sq, delta_sq, vhat_low, vhat_high, vhat_sum, decreased), 0, _combine)
-    return p_new, m, v, c0, c1, c2, c3, c4, c5
+        t0, t1, t2, t3, t4, t5 = weight_sq, delta_sq, vhat_low, vhat_high, vhat_sum, decreased
+    return p_new, m, v, t0, t1, t2, t3, t4, t5
 
 
 @triton.jit
@@ -91,5 +92,5 @@ def observe(p, m, v, row, step, mask):
     correction2 = tl.maximum(1.0 - power(tl.load(row + BETA2).to(tl.float64), step), 1e-300)
     correction2 = tl.where(step > 0, correction2, 1.0)
     vhat = v / correction2.to(tl.float32)
-    return (tl.sum(p * p, axis=0), 0.0, tl.min(tl.where(mask, vhat, float("inf")), axis=0),
-            tl.max(tl.where(mask, vhat, float("-inf")), axis=0), tl.sum(vhat, axis=0), 0.0)
+    return (p * p, 0.0, tl.where(mask, vhat, float("inf")), tl.where(mask, vhat, float("-inf")),
+            vhat, 0.0)

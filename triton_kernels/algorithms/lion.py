@@ -1,7 +1,8 @@
 """Lion / LionC element math (Chen et al. 2023, arXiv 2302.06675, Algorithm 2):
     c = b1*m + (1-b1)*g; p = p*(1 - lr*wd*k) - lr*sign(c); m = b2*m + (1-b2)*g
 Bytes per element, fp32: read p, g, m and write p, m = 20 B; bf16 params 14 B.
-Statistics: sum p_new^2, sum (p_new - p_old)^2, sum m_new^2.
+Statistics: sum p_new^2, sum (p_new - p_old)^2, sum m_new^2: update() gives their per-element
+operands, reduce_statistics() a block's from them.
 """
 import triton
 import triton.language as tl
@@ -10,7 +11,7 @@ import triton.language as tl
 from fusedopt.algorithms.lion import HYPER, STATE_CODES, STATS
 
 from ..layout import algorithm_column
-from ..math import common_stats, lr_and_decay, store_rounding
+from ..math import common_stats, lr_and_decay, reduce_three_sums, store_rounding
 
 BETA1 = algorithm_column(HYPER, "beta1")
 BETA2 = algorithm_column(HYPER, "beta2")
@@ -18,6 +19,8 @@ NUM_STATES = 1
 NUM_STATS = len(STATS)
 # 2 bits a column: the reduction op of each statistics column (neutral partials of empty blocks).
 STAT_OPS = sum(op << (2 * column) for column, (_, op) in enumerate(STATS))
+# Lion's three statistics are sums.
+reduce_statistics = reduce_three_sums
 
 
 @triton.jit
@@ -43,18 +46,16 @@ def update(p_old, g, m, unused, k, mask, DTYPE: tl.constexpr, MASKED: tl.constex
     sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
     p_new = store_rounding(p_old * k[1] - k[0] * sign, DTYPE)
     m = k[4] * m + k[5] * g
-    c0, c1, c2 = 0.0, 0.0, 0.0
+    t0, t1, t2, t3, t4, t5 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     if STATS:
         weight_sq, delta_sq = common_stats(p_new.to(tl.float32), p_old, mask, MASKED)
         m_sq = m * m
         if MASKED:
             m_sq = tl.where(mask, m_sq, 0.0)
-        c0 = tl.sum(weight_sq, axis=0)
-        c1 = tl.sum(delta_sq, axis=0)
-        c2 = tl.sum(m_sq, axis=0)
-    return p_new, m, unused, c0, c1, c2, 0.0, 0.0, 0.0
+        t0, t1, t2, t3, t4, t5 = weight_sq, delta_sq, m_sq, 0.0, 0.0, 0.0
+    return p_new, m, unused, t0, t1, t2, t3, t4, t5
 
 
 @triton.jit
 def observe(p, m, unused, row, step, mask):
-    return tl.sum(p * p, axis=0), 0.0, tl.sum(m * m, axis=0), 0.0, 0.0, 0.0
+    return p * p, 0.0, m * m, 0.0, 0.0, 0.0

@@ -2,7 +2,8 @@
 else momentum*buf + (1-dampening)*d; d = d + momentum*buf (nesterov) or buf; p -= lr*d.
 Bytes per element, fp32: with momentum read p, g, buf and write p, buf = 20 B; without momentum
 the buffer is neither read nor written (torch keeps it None): 12 B.
-Statistics: sum p_new^2, sum (p_new - p_old)^2, sum buf^2.
+Statistics: sum p_new^2, sum (p_new - p_old)^2, sum buf^2: update() gives their per-element
+operands, reduce_statistics() a block's from them.
 """
 import triton
 import triton.language as tl
@@ -11,7 +12,7 @@ import triton.language as tl
 from fusedopt.algorithms.sgd import HYPER, STATE_CODES, STATS
 
 from ..layout import LR, algorithm_column
-from ..math import common_stats, store_rounding, weight_decay_coefficient
+from ..math import common_stats, reduce_three_sums, store_rounding, weight_decay_coefficient
 
 MOMENTUM = algorithm_column(HYPER, "momentum")
 DAMPENING = algorithm_column(HYPER, "dampening")
@@ -20,6 +21,8 @@ NUM_STATES = 1
 NUM_STATS = len(STATS)
 # 2 bits a column: the reduction op of each statistics column (neutral partials of empty blocks).
 STAT_OPS = sum(op << (2 * column) for column, (_, op) in enumerate(STATS))
+# SGD's three statistics are sums.
+reduce_statistics = reduce_three_sums
 
 
 @triton.jit
@@ -49,18 +52,17 @@ def update(p_old, g, buf, unused, k, mask, DTYPE: tl.constexpr, MASKED: tl.const
         else:
             direction = buf
     p_new = store_rounding(p_old - k[4] * direction, DTYPE)
-    c0, c1, c2 = 0.0, 0.0, 0.0
+    t0, t1, t2, t3, t4, t5 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     if STATS:
         weight_sq, delta_sq = common_stats(p_new.to(tl.float32), p_old, mask, MASKED)
         buf_sq = buf * buf
         if MASKED:
             buf_sq = tl.where(mask, buf_sq, 0.0)
-        c0 = tl.sum(weight_sq, axis=0)
-        c1 = tl.sum(delta_sq, axis=0)
-        c2 = tl.where(momentum != 0, tl.sum(buf_sq, axis=0), 0.0)
-    return p_new, buf, unused, c0, c1, c2, 0.0, 0.0, 0.0
+        buf_sq = tl.where(momentum != 0, buf_sq, 0.0)
+        t0, t1, t2, t3, t4, t5 = weight_sq, delta_sq, buf_sq, 0.0, 0.0, 0.0
+    return p_new, buf, unused, t0, t1, t2, t3, t4, t5
 
 
 @triton.jit
 def observe(p, buf, unused, row, step, mask):
-    return tl.sum(p * p, axis=0), 0.0, tl.sum(buf * buf, axis=0), 0.0, 0.0, 0.0
+    return p * p, 0.0, buf * buf, 0.0, 0.0, 0.0
