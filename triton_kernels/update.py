@@ -277,8 +277,8 @@ def _reduce_block(a0, a1, a2, a3, a4, a5, ALGO_REDUCE: tl.constexpr, NUM_STATS: 
 
 @triton.jit
 def _step_chunk(param, grad, state1, state2, scale1, scale2, remainder, state_element, offsets,
-                mask, group_mask, uses_state, k, step, globals_ptr, ALGO_UPDATE: tl.constexpr,
-                NUM_STATES: tl.constexpr, DTYPE: tl.constexpr,
+                mask, group_mask, uses_state, k, step, inv_scale, clip_coef,
+                ALGO_UPDATE: tl.constexpr, NUM_STATES: tl.constexpr, DTYPE: tl.constexpr,
                 MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr,
                 SQRT1: tl.constexpr, SQRT2: tl.constexpr, STATS: tl.constexpr,
                 MASKED: tl.constexpr):
@@ -287,7 +287,7 @@ def _step_chunk(param, grad, state1, state2, scale1, scale2, remainder, state_el
     if MASTER_BITS > 0:
         p = _combine_master(p, _load(remainder, offsets, mask, MASKED), MASTER_BITS)
     g = _load(grad, offsets, mask, MASKED).to(tl.float32)
-    g = g * tl.load(globals_ptr + INV_SCALE) * tl.load(globals_ptr + CLIP_COEF)
+    g = g * inv_scale * clip_coef
     s1 = tl.zeros(offsets.shape, dtype=tl.float32)
     s2 = tl.zeros(offsets.shape, dtype=tl.float32)
     if uses_state:
@@ -340,6 +340,10 @@ def _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_el
     with per-element running values in both paths; 80 for the full blocks' path alone)."""
     k = ALGO_COEFFICIENTS(row, step)
     uses_state = ALGO_USES_STATE(row)
+    # Loaded once here: in the loop the pipeliner would copy them through shared memory every
+    # chunk (the stores in the loop may alias them, so nothing hoists them).
+    inv_scale = tl.load(globals_ptr + INV_SCALE)
+    clip_coef = tl.load(globals_ptr + CLIP_COEF)
     offsets = tl.arange(0, CHUNK)
     if MASKED:
         a0, a1, a2 = _neutral(STAT_OPS, 0), _neutral(STAT_OPS, 1), _neutral(STAT_OPS, 2)
@@ -353,9 +357,9 @@ def _step_block(param, grad, state1, state2, scale1, scale2, remainder, state_el
         t0, t1, t2, t3, t4, t5 = _step_chunk(
             param + start, grad + start, state1 + start, state2 + start,
             scale1 + start // INT8_GROUP, scale2 + start // INT8_GROUP, remainder + start,
-            state_element + start, offsets, mask, group_mask, uses_state, k, step, globals_ptr,
-            ALGO_UPDATE, NUM_STATES, DTYPE, MASTER_BITS, STATE_BF16,
-            STATE_INT8, SQRT1, SQRT2, STATS, MASKED)
+            state_element + start, offsets, mask, group_mask, uses_state, k, step, inv_scale,
+            clip_coef, ALGO_UPDATE, NUM_STATES, DTYPE, MASTER_BITS, STATE_BF16, STATE_INT8, SQRT1,
+            SQRT2, STATS, MASKED)
         if STATS:
             if MASKED:
                 t0, t1, t2, t3, t4, t5 = _reduce_block(t0, t1, t2, t3, t4, t5, ALGO_REDUCE,
@@ -484,8 +488,10 @@ UPDATE_STAGES = 4
 # 8-bit state's update is issue-bound (Nsight Compute: 0.76 warp instructions issued per
 # scheduler cycle, 96 registers a thread, 20 warps an SM). Capped at 72 registers (no spills,
 # 28 warps an SM) the (24, int8) step takes 6.17 against 6.65 ms; 64 spills and is slower
-# (6.52). The other modes gain nothing from a cap.
-INT8_MAXNREG = 72
+# (6.52). The other modes measured the same with the cap as without (within 0.5%), and it holds
+# them at 70-72 registers, no spills, where the step's scalars loaded once a block (_step_block)
+# would take 80-94 (offline sm_90).
+UPDATE_MAXNREG = 72
 
 _TRITON_DTYPES = {"torch.float32": tl.float32, "torch.bfloat16": tl.bfloat16,
                   "torch.float16": tl.float16}
@@ -507,7 +513,6 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     num_blocks = block_tensor.numel()
     if num_blocks == 0:
         return
-    int8 = scale1 is not None
     codes = tuple(math.STATE_CODES) + ("signed",) * (2 - len(math.STATE_CODES))
     update_kernel[(num_blocks,)](
         block_tensor, tensor_table, tensor_table.shape[1], state1,
@@ -521,7 +526,7 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
         ALGO_USES_STATE=math.uses_state,
         NUM_STATES=math.NUM_STATES, NUM_STATS=math.NUM_STATS, STAT_OPS=math.STAT_OPS,
         DTYPE=triton_dtype(dtype), MASTER_BITS=master_bits if remainder is not None else 0,
-        STATE_BF16=state1.dtype == torch.bfloat16, STATE_INT8=int8,
+        STATE_BF16=state1.dtype == torch.bfloat16, STATE_INT8=scale1 is not None,
         SQRT1=codes[0] == "sqrt", SQRT2=codes[1] == "sqrt",
         STATS=stats, CHUNK=UPDATE_CHUNK, STAGES=UPDATE_STAGES, num_warps=UPDATE_WARPS,
-        **({"maxnreg": INT8_MAXNREG} if int8 and not stats else {}))
+        **({} if stats else {"maxnreg": UPDATE_MAXNREG}))

@@ -13,7 +13,7 @@ import triton.language as tl
 from fusedopt.algorithms.adamw import HYPER, STATE_CODES, STATS
 
 from ..layout import algorithm_column
-from ..math import common_stats, lr_and_decay, power, store_rounding
+from ..math import common_stats, divide_by_uniform, lr_and_decay, power, store_rounding
 
 BETA1 = algorithm_column(HYPER, "beta1")
 BETA2 = algorithm_column(HYPER, "beta2")
@@ -45,16 +45,18 @@ def uses_state(row):
 @triton.jit
 def coefficients(row, step):
     """The block's scalars, formed once in fp64 and rounded to fp32: decay, beta1, 1 - beta1,
-    beta2, 1 - beta2, eps, step size, sqrt(1 - beta2^t), 1 - beta2^t."""
+    beta2, 1 - beta2, eps, step size, sqrt(1 - beta2^t), 1 - beta2^t; then the fp32
+    reciprocal of sqrt(1 - beta2^t), correctly rounded (math.divide_by_uniform)."""
     lr, decay = lr_and_decay(row)
     beta1 = tl.load(row + BETA1).to(tl.float64)
     beta2 = tl.load(row + BETA2).to(tl.float64)
     correction1 = 1.0 - power(beta1, step)
     correction2 = 1.0 - power(beta2, step)
+    correction2_sqrt = tl.sqrt(correction2).to(tl.float32)
     return (decay.to(tl.float32), beta1.to(tl.float32), (1.0 - beta1).to(tl.float32),
             beta2.to(tl.float32), (1.0 - beta2).to(tl.float32), tl.load(row + EPS),
-            (lr / correction1).to(tl.float32), tl.sqrt(correction2).to(tl.float32),
-            correction2.to(tl.float32))
+            (lr / correction1).to(tl.float32), correction2_sqrt, correction2.to(tl.float32),
+            tl.div_rn(tl.full([], 1.0, tl.float32), correction2_sqrt))
 
 
 @triton.jit
@@ -67,8 +69,10 @@ def update(p_old, g, m, v, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
     m = k[1] * m + k[2] * g
     v = k[3] * v + k[4] * gg
     # IEEE sqrt and division (Triton's defaults are approximate) to stay within rounding of
-    # torch's sqrt() and addcdiv_.
-    denom = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps
+    # torch's sqrt() and addcdiv_; the division by the block's sqrt(1 - beta2^t) from its
+    # reciprocal, rounded the same (8-bit state's update is issue-bound and spent ~10
+    # instructions an element on it).
+    denom = divide_by_uniform(tl.sqrt_rn(v), correction2_sqrt, k[9]) + eps
     p_new = store_rounding(p - step_size * tl.div_rn(m, denom), DTYPE)
     t0, t1, t2, t3, t4, t5 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     if STATS:
