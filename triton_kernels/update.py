@@ -99,9 +99,7 @@ def _stochastic_bf16(value, random16):
 
 @triton.jit
 def _per_element(group_value):
-    """A chunk's per-group values [groups] broadcast to its elements [groups * INT8_GROUP]. Each
-    thread holds whole groups (8 consecutive elements a thread, 4 threads a group), so this
-    moves no data: a group's value is computed once per thread."""
+    """A chunk's per-group values [groups] broadcast to its elements [groups * INT8_GROUP]."""
     groups: tl.constexpr = group_value.shape[0]
     return tl.reshape(tl.broadcast_to(group_value[:, None], [groups, INT8_GROUP]),
                       [groups * INT8_GROUP])
@@ -276,18 +274,15 @@ def _reduce_block(a0, a1, a2, a3, a4, a5, ALGO_REDUCE: tl.constexpr, NUM_STATS: 
 
 
 @triton.jit
-def _step_chunk(param, grad, state1, state2, scale1, scale2, remainder, state_element, offsets,
-                mask, group_mask, uses_state, k, step, inv_scale, clip_coef,
-                ALGO_UPDATE: tl.constexpr, NUM_STATES: tl.constexpr, DTYPE: tl.constexpr,
-                MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr,
-                SQRT1: tl.constexpr, SQRT2: tl.constexpr, STATS: tl.constexpr,
-                MASKED: tl.constexpr):
-    """One chunk of a block, updated in place; returns its statistics' per-element operands."""
+def _load_master_and_states(param, state1, state2, scale1, scale2, remainder, offsets, mask,
+                            group_mask, uses_state, NUM_STATES: tl.constexpr,
+                            MASTER_BITS: tl.constexpr, STATE_INT8: tl.constexpr,
+                            SQRT1: tl.constexpr, SQRT2: tl.constexpr, MASKED: tl.constexpr):
+    """A chunk's fp32 params (the masters, with a remainder) and fp32 states (zeros for a group
+    that keeps none), as the update and a skipped step's statistics read them."""
     p = _load(param, offsets, mask, MASKED).to(tl.float32)
     if MASTER_BITS > 0:
         p = _combine_master(p, _load(remainder, offsets, mask, MASKED), MASTER_BITS)
-    g = _load(grad, offsets, mask, MASKED).to(tl.float32)
-    g = g * inv_scale * clip_coef
     s1 = tl.zeros(offsets.shape, dtype=tl.float32)
     s2 = tl.zeros(offsets.shape, dtype=tl.float32)
     if uses_state:
@@ -295,6 +290,22 @@ def _step_chunk(param, grad, state1, state2, scale1, scale2, remainder, state_el
         if NUM_STATES > 1:
             s2 = _load_state(state2, scale2, offsets, mask, group_mask, SQRT2, STATE_INT8,
                              MASKED)
+    return p, s1, s2
+
+
+@triton.jit
+def _step_chunk(param, grad, state1, state2, scale1, scale2, remainder, state_element, offsets,
+                mask, group_mask, uses_state, k, step, inv_scale, clip_coef,
+                ALGO_UPDATE: tl.constexpr, NUM_STATES: tl.constexpr, DTYPE: tl.constexpr,
+                MASTER_BITS: tl.constexpr, STATE_BF16: tl.constexpr, STATE_INT8: tl.constexpr,
+                SQRT1: tl.constexpr, SQRT2: tl.constexpr, STATS: tl.constexpr,
+                MASKED: tl.constexpr):
+    """One chunk of a block, updated in place; returns its statistics' per-element operands."""
+    p, s1, s2 = _load_master_and_states(param, state1, state2, scale1, scale2, remainder,
+                                        offsets, mask, group_mask, uses_state, NUM_STATES,
+                                        MASTER_BITS, STATE_INT8, SQRT1, SQRT2, MASKED)
+    g = _load(grad, offsets, mask, MASKED).to(tl.float32)
+    g = g * inv_scale * clip_coef
     # With master weights the update stays in fp32 (no rounding to the param's dtype): the
     # split below keeps it whole (32 bits) or rounds it to 24.
     p_new, s1, s2, c0, c1, c2, c3, c4, c5 = ALGO_UPDATE(
@@ -390,18 +401,10 @@ def _observe_block(param, state1, state2, scale1, scale2, remainder, limit, row,
     for start in range(0, BLOCK, CHUNK):
         mask = offsets < limit - start
         group_mask = tl.arange(0, CHUNK // INT8_GROUP) * INT8_GROUP < limit - start
-        p = tl.load(param + start + offsets, mask=mask, other=0.0).to(tl.float32)
-        if MASTER_BITS > 0:
-            p = _combine_master(p, tl.load(remainder + start + offsets, mask=mask, other=0),
-                                MASTER_BITS)
-        s1 = tl.zeros([CHUNK], dtype=tl.float32)
-        s2 = tl.zeros([CHUNK], dtype=tl.float32)
-        if uses_state:
-            s1 = _load_state(state1 + start, scale1 + start // INT8_GROUP, offsets, mask,
-                             group_mask, SQRT1, STATE_INT8, True)
-            if NUM_STATES > 1:
-                s2 = _load_state(state2 + start, scale2 + start // INT8_GROUP, offsets, mask,
-                                 group_mask, SQRT2, STATE_INT8, True)
+        p, s1, s2 = _load_master_and_states(
+            param + start, state1 + start, state2 + start, scale1 + start // INT8_GROUP,
+            scale2 + start // INT8_GROUP, remainder + start, offsets, mask, group_mask,
+            uses_state, NUM_STATES, MASTER_BITS, STATE_INT8, SQRT1, SQRT2, True)
         t0, t1, t2, t3, t4, t5 = ALGO_OBSERVE(p, s1, s2, row, step, mask)
         a0, a1, a2, a3, a4, a5 = _accumulate_columns(a0, a1, a2, a3, a4, a5, t0, t1, t2, t3, t4,
                                                      t5, NUM_STATS, STAT_OPS)
