@@ -26,7 +26,8 @@
 # Eight files at most come back in $OUT, as many as the device returns: hence one log for the
 # build and the tests (their tails are in suite.log too).
 #
-# Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, TESTS_CAP_S, MICRO_CAP_S, E2E_CAP_S, NCU_CAP_S,
+# Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, STEP_FLOOR_S / E2E_FLOOR_S / LOWPREC_FLOOR_S (the
+# time held back for a later step, lowered when that step is run with fewer rows), TESTS_CAP_S, MICRO_CAP_S, E2E_CAP_S, NCU_CAP_S,
 # SKIP_BUILD=1 (no CUDA build; installs the Python package only if needed), SKIP_TESTS=1,
 # TEST_PATHS (test files or folders, default tests/), SKIP_MICRO=1,
 # SKIP_E2E=1, SKIP_STEP=1, LOWPREC=1, LOWPREC_CAP_S, LOWPREC_ARGS (extra bench_lowprec.py arguments,
@@ -42,18 +43,18 @@ export PYTHONUNBUFFERED=1
 
 BUDGET=${SUITE_BUDGET_S:-500}
 # Least time each later step needs, held back from the earlier ones (seconds).
-BENCH_FLOOR=180
+BENCH_FLOOR=${STEP_FLOOR_S:-180}
 STEP_RESERVE=0
 [[ -z ${SKIP_STEP:-} ]] && STEP_RESERVE=$BENCH_FLOOR
 # The e2e step's floor: on an H100 (fusedopt on Triton) all 14 rows took 75 s including ~10 s of
 # imports; the first row 16 s (CUDA and cuBLAS start-up), llama_1b rows 3-8 s, gpt2_124m 2-4 s.
 # Each row records its wall_s.
-E2E_FLOOR=90
+E2E_FLOOR=${E2E_FLOOR_S:-90}
 E2E_RESERVE=0
 [[ -z ${SKIP_E2E:-} ]] && E2E_RESERVE=$E2E_FLOOR
 # The low-precision step's floor: with its defaults it needs ~5.5 min (estimate, see
 # bench/README.md), so it fits only with the other benchmarks skipped and SUITE_BUDGET_S raised.
-LOWPREC_FLOOR=300
+LOWPREC_FLOOR=${LOWPREC_FLOOR_S:-300}
 LOWPREC_RESERVE=0
 [[ -n ${LOWPREC:-} ]] && LOWPREC_RESERVE=$LOWPREC_FLOOR
 NCU_RESERVE=0
