@@ -177,9 +177,19 @@ def build_torch_fp16_scaler(params, device):
                     scale=scaler.get_scale)
 
 
+# The fusedopt pipelines' backend on CUDA: "auto" (the CUDA extension where built and the mode
+# is implemented there, else Triton), or "triton" / "cuda" (--backend), set once by main().
+BACKEND = "auto"
+
+
 def fusedopt_backend(device: torch.device) -> str:
     # The kernel backends run CUDA tensors only; on the CPU the package's reference math runs.
-    return "auto" if device.type == "cuda" else "reference"
+    return BACKEND if device.type == "cuda" else "reference"
+
+
+def resolved_backend(opt) -> str:
+    """The kernel backend a fusedopt optimizer's tensors run on ('auto' resolved)."""
+    return ",".join(sorted({ds.backend for ds in opt.engine.devices.values()}))
 
 
 def fusedopt_builder(corrected: bool, stats: bool, scaled: bool):
@@ -189,7 +199,7 @@ def fusedopt_builder(corrected: bool, stats: bool, scaled: bool):
         opt = cls(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
                   backend=fusedopt_backend(device), stats=stats)
         what = (f"fusedopt.{cls.__name__}(max_grad_norm={MAX_GRAD_NORM}, stats={stats}, "
-                f"backend={fusedopt_backend(device)!r})")
+                f"backend={fusedopt_backend(device)!r}): {resolved_backend(opt)}")
         if not scaled:
             def optimizer_part():
                 opt.step()
@@ -572,6 +582,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="results folder; default bench/results")
     ap.add_argument("--name", default=None, help="results file stem; default e2e_<device>")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda"),
+                    help="the fusedopt pipelines' kernel backend on CUDA")
     ap.add_argument("--time-budget-s", type=float, default=0.0,
                     help="start no pipeline after this much wall time (0: no limit)")
     ap.add_argument("--pipeline-min-s", type=float, default=15.0,
@@ -596,7 +608,9 @@ def default_name(device: torch.device) -> str:
 
 
 def main(argv=None) -> int:
+    global BACKEND
     args = parse_args(argv)
+    BACKEND = args.backend
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but torch sees no CUDA device", file=sys.stderr)

@@ -137,13 +137,8 @@ def bytes_per_param(row: Row) -> tuple[float, float, float]:
     return 2, 2 + 4 + 2 * resident, resident
 
 
-# The fusedopt rows' backend on CUDA: "auto" (the CUDA extension where built and the mode is
-# implemented there, else Triton), or "triton" / "cuda" (--backend), set once by main().
-BACKEND = "auto"
-
-
-def fusedopt_backend(device: torch.device) -> str:
-    return BACKEND if device.type == "cuda" else bench_e2e.fusedopt_backend(device)
+# The fusedopt rows' backend: bench_e2e's, which main() sets from --backend.
+fusedopt_backend = bench_e2e.fusedopt_backend
 
 
 def unavailable(row: Row, device: torch.device) -> tuple[str, str] | None:
@@ -195,10 +190,8 @@ def build_optimizer(row: Row, params, device, hyper: dict, max_grad_norm: float)
 
 
 def backend_of(opt) -> str | None:
-    """The kernel backend a fusedopt optimizer resolved to (auto picks CUDA where the extension
-    is built and implements the mode, else Triton); None for the others."""
-    engine = getattr(opt, "engine", None)
-    return None if engine is None else ",".join(sorted({ds.backend for ds in engine.devices.values()}))
+    """The kernel backend a fusedopt optimizer resolved to; None for the others."""
+    return bench_e2e.resolved_backend(opt) if hasattr(opt, "engine") else None
 
 
 def free_memory(device: torch.device) -> None:
@@ -713,9 +706,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    global BACKEND
     args = parse_args(argv)
-    BACKEND = args.backend
+    bench_e2e.BACKEND = args.backend
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but torch sees no CUDA device", file=sys.stderr)
