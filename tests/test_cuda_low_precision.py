@@ -2,8 +2,8 @@
 (fusedopt/engine/master.py), bf16 state rounded stochastically (fusedopt/engine/stochastic.py)
 and 8-bit state (fusedopt/engine/int8.py).
 
-CPU (CI): backend selection no longer refuses the tier on backend="cuda" ('auto' still takes
-CUDA first), the wrapper names a bad remainder, master_bits, state dtype or scale before any
+CPU (CI): backend selection takes the tier on backend="cuda" ('auto' takes Triton first, CUDA
+where Triton is not installed), the wrapper names a bad remainder, master_bits, state dtype or scale before any
 launch, and the compiled module's own checks of the new raw arguments.
 
 GPU (marked gpu), bit for bit:
@@ -51,16 +51,14 @@ def test_cuda_backend_takes_the_tier(monkeypatch):
     # On CPU tensors what stops backend='cuda' is the device, not the features.
     with pytest.raises(RuntimeError, match="backend='cuda' runs on CUDA tensors"):
         backends.resolve("cuda", torch.device("cpu"), [BF16], TIER)
-    # With the extension and a GPU, 'auto' takes CUDA first for the tier too, except for the
-    # features whose CUDA kernels are slower than Triton's (backends.AUTO_SKIPS).
-    monkeypatch.setattr(backends, "available", lambda name: True)
+    # 'auto' takes Triton where it is installed, the CUDA extension where it is not, for the
+    # tier as for the rest; either can be asked for by name.
     gpu = torch.device("cuda", 0)
-    assert backends.AUTO_GPU_ORDER[0] == "cuda"
-    for needs in ((), TIER[:1], TIER[1:2], TIER[2:], TIER):
-        skipped = any("cuda" in backends.AUTO_SKIPS.get(feature, ()) for feature in needs)
-        expected = "triton" if skipped else "cuda"
-        assert backends.resolve("auto", gpu, [BF16, torch.float32], needs) == expected, needs
-        assert backends.resolve("cuda", gpu, [BF16], needs) == "cuda", needs
+    for installed, expected in (({"triton", "cuda"}, "triton"), ({"cuda"}, "cuda")):
+        monkeypatch.setattr(backends, "available", lambda name: name in installed | {"reference"})
+        for needs in ((), TIER[:1], TIER[1:2], TIER[2:], TIER):
+            assert backends.resolve("auto", gpu, [BF16, torch.float32], needs) == expected, needs
+            assert backends.resolve("cuda", gpu, [BF16], needs) == "cuda", needs
 
 
 def test_wrapper_passes_the_tier_to_the_binding(recorder):

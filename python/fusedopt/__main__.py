@@ -69,9 +69,7 @@ def info() -> None:
     from fusedopt.engine import backends
 
     for feature, names in backends.FEATURE_BACKENDS.items():
-        skipped = backends.AUTO_SKIPS.get(feature, ())
-        note = f" ('auto' skips {', '.join(skipped)}: slower)" if skipped else ""
-        print(f"{feature} runs on: {', '.join(names)}{note}")
+        print(f"{feature} runs on: {', '.join(names)}")
     if torch.cuda.is_available():
         chosen = backends.resolve("auto", torch.device("cuda"), [torch.float32])
         print(f"backend='auto' runs CUDA tensors on: {chosen}")

@@ -13,11 +13,15 @@ import torch
 BACKENDS = ("auto", "reference", "triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# backend="auto" on CUDA tensors tries these in order. The CUDA backend comes first: in
-# bench/results/step_h100_final.md (H100, full step) it is within 1% of Triton or faster at every
-# shape and dtype (1.1B fp32: 11.60 vs 11.67 ms; 1.1B bf16: 9.15 vs 9.66 ms; GPT-2 bf16: 1.07 vs
-# 1.14 ms); Triton runs where the extension is not built.
-AUTO_GPU_ORDER = ("cuda", "triton")
+# backend="auto" on CUDA tensors tries these in order. Triton comes first: on an H200, one run
+# (bench/results/step_h200_bb14aa9.md, step_small_h200_ec60458.md), its pipelined chunks take
+# less GPU time than the CUDA kernel's one pass a block at every shape and dtype timed (1.1B
+# fp32 8.31 against 9.30 ms, bf16 6.55 against 7.87; GPT-2 fp32 0.98 against 1.09; 1200 tensors
+# under CUDA graphs 0.75 against 0.95), statistics add 0.4% on Triton and 31% on CUDA, and the
+# low-precision tier is faster on Triton in every mode. Only the eager 1200-tensor step, bound
+# by the host, came out faster on CUDA (1.40 against 1.51 ms). CUDA runs where Triton is not
+# installed.
+AUTO_GPU_ORDER = ("triton", "cuda")
 
 
 def triton_interpreted() -> bool:
@@ -45,14 +49,6 @@ FEATURE_BACKENDS = {"master_weight_bits": ("reference", "triton", "cuda"),
                     "state_dtype='bf16'": ("reference", "triton", "cuda"),
                     "state_dtype='int8'": ("reference", "triton", "cuda")}
 
-# Kernels that run when asked for by name but that 'auto' does not pick: the CUDA tier kernels
-# match the specification bit for bit on an H200 but are slower than Triton's, which take a
-# block in pipelined chunks where CUDA's take it in one pass (1.1B bf16 params: (24, int8) 9.03
-# against 6.69 ms, (24, bf16) 6.76 against 5.14; bench/NOTES.md), so 'auto' keeps such
-# optimizers on Triton.
-AUTO_SKIPS = {"master_weight_bits": ("cuda",), "state_dtype='bf16'": ("cuda",),
-              "state_dtype='int8'": ("cuda",)}
-
 
 def check_features(name: str, needs) -> None:
     """Refuse an explicit backend that lacks a feature the optimizer was asked for."""
@@ -73,8 +69,7 @@ def resolve(name: str, device: torch.device, dtypes, needs=()) -> str:
         if device.type != "cuda":
             return "reference"
         for candidate in AUTO_GPU_ORDER:
-            if any(candidate not in FEATURE_BACKENDS[feature]
-                   or candidate in AUTO_SKIPS.get(feature, ()) for feature in needs):
+            if any(candidate not in FEATURE_BACKENDS[feature] for feature in needs):
                 continue
             if available(candidate):
                 name = candidate
