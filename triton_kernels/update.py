@@ -2,10 +2,11 @@
 functions (triton_kernels/algorithms/<name>.py), so unused paths compile away.
 
 One program per BLOCK (4096 elements) of a segment: the program finds its tensor in the tensor
-table (docs/kernel_contract.md), forms the step's scalars once, then in chunks of UPDATE_CHUNK
-reads param and grad where their owners keep them and the state from the segment's flat
-buffers, and writes param and state back. g is unscaled and clipped here, in torch's order
-(unscale_'s g * 1/scale, then clip_grad_norm_'s g * c); everything else is the algorithm's.
+table (docs/kernel_contract.md), forms the step's scalars once, then in chunks (UPDATE_CHUNK;
+INT8_UPDATE_CHUNK for 8-bit state) reads param and grad where their owners keep them and the
+state from the segment's flat buffers, and writes param and state back. g is unscaled and
+clipped here, in torch's order (unscale_'s g * 1/scale, then clip_grad_norm_'s g * c);
+everything else is the algorithm's.
 
 Full blocks whose param and grad addresses are 16-byte aligned load and store without a mask and
 with alignment hints, which keeps 16-byte vector accesses (a mask against a tensor end read from
@@ -488,13 +489,22 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
 UPDATE_WARPS = 4
 UPDATE_CHUNK = 512
 UPDATE_STAGES = 4
-# 8-bit state's update is issue-bound (Nsight Compute: 0.76 warp instructions issued per
-# scheduler cycle, 96 registers a thread, 20 warps an SM). Capped at 72 registers (no spills,
-# 28 warps an SM) the (24, int8) step takes 6.17 against 6.65 ms; 64 spills and is slower
-# (6.52). The other modes measured the same with the cap as without (within 0.5%), and it holds
-# them at 70-72 registers, no spills, where the step's scalars loaded once a block (_step_block)
-# would take 80-94 (offline sm_90).
+# Launches without statistics are capped at 72 registers: the other modes measured the same with
+# the cap as without (within 0.5%), and it holds them at 70-72 registers, no spills, where the
+# step's scalars loaded once a block (_step_block) would take 80-94 (offline sm_90).
 UPDATE_MAXNREG = 72
+# 8-bit state's update is bound by instruction issue (Nsight Compute at 4 warps, 512-element
+# chunks, 72 registers: 0.88 warp instructions issued per scheduler cycle, 130 an element), so
+# its launch spends fewer of them on each block's prologue (the step's scalars in fp64, the
+# pipeline's first loads), which every warp of a program runs: one warp a program, chunks of 256
+# (8 elements a thread at a time, 96 registers, no spills). H200, 1.1B, (24, int8), one run
+# of each: 4 warps x 512 at 72 registers 5.74-5.78 ms; 2 x 256 at 72 5.44; 2 x 512 at 96 5.12;
+# 1 x 256 at 96 4.95-4.98 (88: 5.09, 104: 5.06; 3 or 5 stages the same); 1 x 512 at 128 5.35.
+# The other modes are bound by DRAM and gain nothing from it (1 x 256: fp32 params 8.57 against
+# 8.30 ms, (24, bf16) 5.06 against 5.04).
+INT8_UPDATE_WARPS = 1
+INT8_UPDATE_CHUNK = 256
+INT8_UPDATE_MAXNREG = 96
 
 _TRITON_DTYPES = {"torch.float32": tl.float32, "torch.bfloat16": tl.bfloat16,
                   "torch.float16": tl.float16}
@@ -517,6 +527,9 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     if num_blocks == 0:
         return
     codes = tuple(math.STATE_CODES) + ("signed",) * (2 - len(math.STATE_CODES))
+    int8 = scale1 is not None
+    warps, chunk, maxnreg = ((INT8_UPDATE_WARPS, INT8_UPDATE_CHUNK, INT8_UPDATE_MAXNREG) if int8
+                             else (UPDATE_WARPS, UPDATE_CHUNK, UPDATE_MAXNREG))
     update_kernel[(num_blocks,)](
         block_tensor, tensor_table, tensor_table.shape[1], state1,
         state2 if state2 is not None else state1,
@@ -529,7 +542,7 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
         ALGO_USES_STATE=math.uses_state,
         NUM_STATES=math.NUM_STATES, NUM_STATS=math.NUM_STATS, STAT_OPS=math.STAT_OPS,
         DTYPE=triton_dtype(dtype), MASTER_BITS=master_bits if remainder is not None else 0,
-        STATE_BF16=state1.dtype == torch.bfloat16, STATE_INT8=scale1 is not None,
+        STATE_BF16=state1.dtype == torch.bfloat16, STATE_INT8=int8,
         SQRT1=codes[0] == "sqrt", SQRT2=codes[1] == "sqrt",
-        STATS=stats, CHUNK=UPDATE_CHUNK, STAGES=UPDATE_STAGES, num_warps=UPDATE_WARPS,
-        **({} if stats else {"maxnreg": UPDATE_MAXNREG}))
+        STATS=stats, CHUNK=chunk, STAGES=UPDATE_STAGES, num_warps=warps,
+        **({} if stats else {"maxnreg": maxnreg}))
