@@ -177,8 +177,8 @@ def build_torch_fp16_scaler(params, device):
                     scale=scaler.get_scale)
 
 
-# The fusedopt pipelines' backend on CUDA: "auto" (the CUDA extension where built and the mode
-# is implemented there, else Triton), or "triton" / "cuda" (--backend), set once by main().
+# The fusedopt pipelines' backend on CUDA: "auto" (Triton where installed, else the CUDA
+# extension), or "triton" / "cuda" (--backend), set once by main().
 BACKEND = "auto"
 
 

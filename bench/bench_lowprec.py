@@ -641,9 +641,8 @@ def environment(device: torch.device, args) -> dict:
         "git_commit": commit, "git_dirty": dirty, "command": " ".join(sys.argv), "seed": args.seed,
         "parts": args.parts, "rows": args.rows,
         "backend": args.backend,
-        "notes": [f"fusedopt runs backend={args.backend!r} on CUDA ('auto': the CUDA extension where "
-                  "built and the mode is implemented there, else Triton; each row names the one it "
-                  "got), 'reference' on the CPU",
+        "notes": [f"fusedopt runs backend={args.backend!r} on CUDA ('auto': Triton where installed, "
+                  "else the CUDA extension; each row names the one it got), 'reference' on the CPU",
                   "torch and the peers clip with clip_grad_norm_ before their step; fusedopt clips "
                   "inside it"],
     }

@@ -26,8 +26,9 @@
 # Eight files at most come back in $OUT, as many as the device returns: hence one log for the
 # build and the tests (their tails are in suite.log too).
 #
-# Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, STEP_FLOOR_S / E2E_FLOOR_S / LOWPREC_FLOOR_S (the
-# time held back for a later step, lowered when that step is run with fewer rows), TESTS_CAP_S, MICRO_CAP_S, E2E_CAP_S, NCU_CAP_S,
+# Knobs (environment): SUITE_BUDGET_S, BUILD_CAP_S, STEP_FLOOR_S / E2E_FLOOR_S / LOWPREC_FLOOR_S
+# (the time held back for a later step, lowered when that step runs fewer rows), TESTS_CAP_S,
+# MICRO_CAP_S, E2E_CAP_S, NCU_CAP_S,
 # SKIP_BUILD=1 (no CUDA build; installs the Python package only if needed), SKIP_TESTS=1,
 # TEST_PATHS (test files or folders, default tests/), SKIP_MICRO=1,
 # SKIP_E2E=1, SKIP_STEP=1, LOWPREC=1, LOWPREC_CAP_S, LOWPREC_ARGS (extra bench_lowprec.py arguments,

@@ -3,8 +3,8 @@
 and 8-bit state (fusedopt/engine/int8.py).
 
 CPU (CI): backend selection takes the tier on backend="cuda" ('auto' takes Triton first, CUDA
-where Triton is not installed), the wrapper names a bad remainder, master_bits, state dtype or scale before any
-launch, and the compiled module's own checks of the new raw arguments.
+where Triton is not installed), the wrapper names a bad remainder, master_bits, state dtype or
+scale before any launch, and the compiled module's own checks of the new raw arguments.
 
 GPU (marked gpu), bit for bit:
 - launch by launch against the specification, on test_cuda_backend's segment (views at

@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None,
     p.add_argument("--d-model", type=int, default=64, help="model width (default: %(default)s)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"],
-                   help="fusedopt backend (default: auto: the CUDA extension, else Triton, on a "
+                   help="fusedopt backend (default: auto: Triton, else the CUDA extension, on a "
                    "GPU; the PyTorch reference on a CPU)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="train on this file's bytes instead of the generated corpus")
@@ -397,9 +397,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m fusedopt demo") -
     backend_note = f"{args.backend} -> {backend}" if args.backend == "auto" else backend
     print(f"device: {device}, backend: {backend_note}, threads: {torch.get_num_threads()}, "
           f"steps: {args.steps}, lr: {args.lr:g}, wd: {args.wd:g}")
-    if device.type == "cuda" and args.backend == "auto" and backend != "cuda":
-        print("note: the CUDA extension fusedopt._C is not available; `python -m fusedopt info` "
-              "says why")
+    if device.type == "cuda" and args.backend == "auto" and backend == "reference":
+        print("note: neither Triton nor the CUDA extension fusedopt._C is available, so the "
+              "PyTorch reference runs; `python -m fusedopt info` says why")
     print(f"output: {out.resolve()}")
 
     results = []
