@@ -170,3 +170,13 @@ def test_dry_run_compiled_child(tmp_path):
     row = [r for r in rows if r["provider"] == "torch_compiled"][0]
     assert row["status"] == "ok", row["note"]
     assert "child process" in row["note"] and row["ms_median"] > 0
+
+
+def test_profile_host_smoke(capsys):
+    import profile_host
+
+    assert profile_host.main(["--device", "cpu", "--backend", "reference", "--shape", "tiny",
+                              "--steps", "5", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny fp32 backend reference, 5 tensors: host" in out and "ms a step" in out
+    assert "Ordered by: internal time" in out
