@@ -427,6 +427,31 @@ def run_pipeline(model: Model, pipeline: Pipeline, device: torch.device, args) -
     return row
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row from a pipeline's rounds (--rounds): the samples of its ok rounds pooled and their
+    spreads taken again, each round's median kept (round_medians), the memory figures the
+    largest of the rounds. A round that failed is named in the note."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if not ok:
+        return rounds[-1]
+    row = dict(ok[0])
+    samples = {name: [x for r in ok for x in r["samples"][name]] for name in ok[0]["samples"]}
+    row.update({name: spread(values) for name, values in samples.items()})
+    row["samples"] = samples
+    row["round_medians"] = {name: [r[name]["median"] for r in ok] for name in samples}
+    for name in MEMORY_FIGURES:
+        values = [r[name] for r in ok if r[name] is not None]
+        row[name] = max(values) if values else None
+    row["tokens_per_s"] = row["batch"] * row["seq"] / (row["iter_ms"]["median"] * 1e-3)
+    row["loss_last"] = ok[-1]["loss_last"]
+    row["rounds"] = len(ok)
+    row["wall_s"] = round(sum(r["wall_s"] for r in rounds if r.get("wall_s") is not None), 1)
+    notes = [r["note"] for r in ok if r["note"]] + [
+        f"round {i + 1}: {r['status']}: {r['note']}" for i, r in enumerate(rounds) if r["status"] != "ok"]
+    row["note"] = "; ".join(dict.fromkeys(notes))
+    return row
+
+
 # ----------------------------------------------------------------------------------------------
 # Comparisons and the report
 
@@ -466,7 +491,7 @@ def _timed(fig: dict | None) -> str:
 
 
 HEADER_KEYS = ("device", "torch", "torch_cuda", "triton", "transformers", "fusedopt", "fusedopt_cuda_ext",
-               "git_commit", "git_dirty", "date", "iters", "warmup", "command")
+               "git_commit", "git_dirty", "date", "iters", "warmup", "rounds", "command")
 
 
 def markdown(header: dict, rows: list[dict], comparisons: list[dict]) -> str:
@@ -549,6 +574,7 @@ def environment(device: torch.device, args) -> dict:
         "transformers": transformers_version, "python": platform.python_version(),
         "fusedopt": fusedopt_import("fusedopt"), "fusedopt_cuda_ext": fusedopt_import("fusedopt._C"),
         "git_commit": commit, "git_dirty": dirty, "iters": args.iters, "warmup": args.warmup,
+        "rounds": args.rounds,
         "seed": args.seed, "command": " ".join(sys.argv),
         "hyperparameters": {"lr": LR, "betas": BETAS, "weight_decay": WEIGHT_DECAY,
                             "max_grad_norm": MAX_GRAD_NORM},
@@ -576,6 +602,10 @@ def parse_args(argv=None):
                     help=f"comma list of {sorted(MODELS)} or {sorted(MODEL_ALIASES)}")
     ap.add_argument("--pipelines", default="all", help=f"'all' or a comma list of {list(PIPELINES)}")
     ap.add_argument("--iters", type=int, default=30, help="timed iterations per pipeline")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each model's pipelines this many times, every other round in "
+                         "reverse order, and pool their iterations: a slow spell of the host or "
+                         "the GPU then falls on every pipeline, not on one")
     ap.add_argument("--warmup", type=int, default=5,
                     help="untimed iterations first (kernel compiles, lazy state)")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
@@ -589,8 +619,8 @@ def parse_args(argv=None):
     ap.add_argument("--pipeline-min-s", type=float, default=15.0,
                     help="start a pipeline only with at least this much budget left")
     args = ap.parse_args(argv)
-    if args.iters < 1 or args.warmup < 0:
-        ap.error("--iters must be >= 1 and --warmup >= 0")
+    if args.iters < 1 or args.warmup < 0 or args.rounds < 1:
+        ap.error("--iters and --rounds must be >= 1 and --warmup >= 0")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = []
     for name in (v for v in args.models.split(",") if v):
@@ -605,6 +635,26 @@ def parse_args(argv=None):
 def default_name(device: torch.device) -> str:
     return bench_report.results_name("e2e", torch.cuda.get_device_name(device)
                                       if device.type == "cuda" else None)
+
+
+def skipped(model: Model, pipeline: Pipeline, device: torch.device, args, start: float) -> dict | None:
+    """A skipped row for a pipeline that does not run here (CPU) or now (time budget spent)."""
+    left = args.time_budget_s - (time.time() - start) if args.time_budget_s else math.inf
+    if device.type != "cuda" and pipeline.cuda_only:
+        return new_row(model, pipeline, "skipped", pipeline.cuda_only)
+    if left < args.pipeline_min_s:
+        return new_row(model, pipeline, "skipped", f"time budget: {max(left, 0):.0f} s left")
+    return None
+
+
+def report(model: Model, pipeline: Pipeline, row: dict) -> None:
+    if row["status"] == "ok":
+        print(f"{model.name:>10s} {pipeline.name:21s} iter {_timed(row['iter_ms'])} ms, "
+              f"opt {_timed(row['opt_ms'])} ms, host opt {row['opt_host_ms']['median']:.2f} ms, "
+              f"peak {_num(row['peak_gb'], '.2f')} GB [{row['wall_s']:.0f} s] {row['note']}",
+              flush=True)
+    else:
+        print(f"{model.name:>10s} {pipeline.name:21s} {row['status']}: {row['note']}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -627,27 +677,22 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for model_name in args.models:
         model = MODELS[model_name]
-        for pipeline in (PIPELINES[p] for p in args.pipelines):
-            left = args.time_budget_s - (time.time() - start) if args.time_budget_s else math.inf
-            if device.type != "cuda" and pipeline.cuda_only:
-                row = new_row(model, pipeline, "skipped", pipeline.cuda_only)
-            elif left < args.pipeline_min_s:
-                row = new_row(model, pipeline, "skipped", f"time budget: {max(left, 0):.0f} s left")
-            else:
-                # Written before it runs: a run killed at its time limit shows which pipeline it was in.
-                rows.append(new_row(model, pipeline, "started", "did not finish (killed at a time limit?)"))
+        pipelines = [PIPELINES[p] for p in args.pipelines]
+        rounds: dict[str, list[dict]] = {p.name: [] for p in pipelines}
+        first = len(rows)
+        for round_index in range(args.rounds):
+            for pipeline in pipelines if round_index % 2 == 0 else pipelines[::-1]:
+                row = skipped(model, pipeline, device, args, start)
+                if row is None:
+                    # Written before it runs: a run killed at its time limit shows which
+                    # pipeline it was in.
+                    started = new_row(model, pipeline, "started", "did not finish (killed at a time limit?)")
+                    write(args.out, args.name, header, rows + [started])
+                    row = run_pipeline(model, pipeline, device, args)
+                rounds[pipeline.name].append(row)
+                rows[first:] = [merge_rounds(rounds[p.name]) for p in pipelines if rounds[p.name]]
                 write(args.out, args.name, header, rows)
-                rows.pop()
-                row = run_pipeline(model, pipeline, device, args)
-            rows.append(row)
-            write(args.out, args.name, header, rows)
-            if row["status"] == "ok":
-                print(f"{model.name:>10s} {pipeline.name:21s} iter {_timed(row['iter_ms'])} ms, "
-                      f"opt {_timed(row['opt_ms'])} ms, host opt {row['opt_host_ms']['median']:.2f} ms, "
-                      f"peak {_num(row['peak_gb'], '.2f')} GB [{row['wall_s']:.0f} s] {row['note']}",
-                      flush=True)
-            else:
-                print(f"{model.name:>10s} {pipeline.name:21s} {row['status']}: {row['note']}", flush=True)
+                report(model, pipeline, row)
     json_path, md_path = write(args.out, args.name, header, rows)
     print()
     print(markdown(header, rows, compare(rows)), end="")

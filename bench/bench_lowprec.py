@@ -338,20 +338,26 @@ def e2e_part(args, device, header, emit, left) -> None:
     model = bench_e2e.MODELS["tiny_llama" if args.dry_run else "llama_1b"]
     loop_args = argparse.Namespace(warmup=args.e2e_warmup, iters=args.e2e_iters, seed=args.seed)
     header["e2e"] = {"model": model.name, "batch": model.batch, "seq": model.seq, "iters": args.e2e_iters,
-                     "warmup": args.e2e_warmup, "hyperparameters": E2E_HYPER,
+                     "warmup": args.e2e_warmup, "rounds": args.e2e_rounds, "hyperparameters": E2E_HYPER,
                      "max_grad_norm": bench_e2e.MAX_GRAD_NORM,
                      "bf16_params": "model.to(torch.bfloat16): norms in bf16 too"}
-    for name in (r for r in E2E_ROWS if r in args.rows):
-        row = ROWS[name]
-        pipeline = e2e_pipeline(row)
-        if left() < args.row_min_s:
-            fields = {"status": "skipped", "note": f"time budget: {max(left(), 0):.0f} s left"}
-        else:
-            # run_pipeline returns the whole row (bench_e2e's format); the others only say why not.
-            fields = guarded(lambda: bench_e2e.run_pipeline(model, pipeline, device, loop_args), row, device)
-        free_memory(device)
-        emit("e2e", {**bench_e2e.new_row(model, pipeline, "ok"), "what": row.what,
-                     "master_weight_bits": row.master_bits, "state": row.state, **fields})
+    names = [r for r in E2E_ROWS if r in args.rows]
+    rounds = {name: [] for name in names}
+    # Every other round in reverse order, each row's rounds pooled (bench_e2e --rounds).
+    for round_index in range(args.e2e_rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            row = ROWS[name]
+            pipeline = e2e_pipeline(row)
+            if left() < args.row_min_s:
+                fields = {"status": "skipped", "note": f"time budget: {max(left(), 0):.0f} s left"}
+            else:
+                # run_pipeline returns the whole row (bench_e2e's format); the others only say why not.
+                fields = guarded(lambda: bench_e2e.run_pipeline(model, pipeline, device, loop_args), row,
+                                 device)
+            free_memory(device)
+            rounds[name].append({**bench_e2e.new_row(model, pipeline, "ok"), "what": row.what,
+                                 "master_weight_bits": row.master_bits, "state": row.state, **fields})
+            emit("e2e", bench_e2e.merge_rounds(rounds[name]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,6 +674,9 @@ def parse_args(argv=None):
                     help="--loss: comma list of files and folders whose *.py and *.md make the text "
                          "(default: README.md, python, tests, bench, docs, examples of this repo)")
     ap.add_argument("--e2e-iters", type=int, default=20, help="--e2e: timed iterations per row")
+    ap.add_argument("--e2e-rounds", type=int, default=1,
+                    help="--e2e: run the rows this many times, every other round in reverse order, "
+                         "and pool each row's iterations")
     ap.add_argument("--e2e-warmup", type=int, default=3, help="--e2e: untimed iterations first")
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny sizes on the CPU: a 2-layer GPT-2, 6 loss steps, tiny step shapes, "
@@ -697,8 +706,8 @@ def parse_args(argv=None):
             args.batch = 2
         args.e2e_iters, args.e2e_warmup = min(args.e2e_iters, 2), min(args.e2e_warmup, 1)
         args.out = args.out or os.path.join(tempfile.gettempdir(), "fusedopt_lowprec_dry")
-    if args.steps < 2 or args.batch < 1 or args.e2e_iters < 1 or args.e2e_warmup < 0:
-        ap.error("--steps must be >= 2, --batch and --e2e-iters >= 1, --e2e-warmup >= 0")
+    if args.steps < 2 or args.batch < 1 or args.e2e_iters < 1 or args.e2e_rounds < 1 or args.e2e_warmup < 0:
+        ap.error("--steps must be >= 2, --batch, --e2e-iters and --e2e-rounds >= 1, --e2e-warmup >= 0")
     args.corpus = [os.path.abspath(p) for p in args.corpus.split(",")] if args.corpus else default_corpus()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
@@ -733,10 +742,18 @@ def main(argv=None) -> int:
     def left() -> float:
         return args.time_budget_s - (time.time() - start) if args.time_budget_s else math.inf
 
+    def row_name(row: dict) -> str:
+        return row.get("row") or row.get("provider") or row.get("pipeline")
+
     def emit(part: str, row: dict) -> None:
-        results[part].append(row)
+        """Add a row, or replace the part's row of the same name (a later round's pooled row)."""
+        name = row_name(row)
+        same = [i for i, r in enumerate(results[part]) if row_name(r) == name]
+        if same:
+            results[part][same[0]] = row
+        else:
+            results[part].append(row)
         write(args.out, args.name, header, results)
-        name = row.get("row") or row.get("provider") or row.get("pipeline")
         summary = {"step": lambda: (f"{row['ms_median']:.3f} ms, "
                                     f"state {_num(row['state_bytes_per_param'], '.2f')} B/param"),
                    "e2e": lambda: f"iter {_spread(row['iter_ms'])} ms, peak {_num(row['peak_gb'], '.2f')} GB",

@@ -131,3 +131,36 @@ def test_oom_and_errors_are_recorded(tmp_path, monkeypatch):
     assert rows[0]["note"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert rows[1]["note"] == "RuntimeError: broken step"
     assert "| tiny_gpt2 | fusedopt_adamw | error | " in (tmp_path / "e2e_test.md").read_text()
+
+
+@needs_transformers
+def test_rounds_pool_each_pipelines_iterations(tmp_path, capsys):
+    assert _run(tmp_path, "--pipelines", "torch_fused_clip,fusedopt_adamw", "--models",
+                "tiny_gpt2", "--rounds", "2") == 0
+    # The second round runs the pipelines in reverse order.
+    printed = [line.split()[1] for line in capsys.readouterr().out.splitlines()
+               if line.startswith(" tiny_gpt2")]
+    assert printed == ["torch_fused_clip", "fusedopt_adamw", "fusedopt_adamw", "torch_fused_clip"]
+    data = json.loads((tmp_path / "e2e_test.json").read_text())
+    assert data["header"]["rounds"] == 2
+    assert [r["pipeline"] for r in data["rows"]] == ["torch_fused_clip", "fusedopt_adamw"]
+    row = data["rows"][0]
+    assert row["status"] == "ok" and row["rounds"] == 2
+    for name in bench_e2e.TIME_FIGURES:
+        samples = row["samples"][name]
+        assert len(samples) == 4 and len(row["round_medians"][name]) == 2
+        assert row[name]["median"] == pytest.approx(bench_e2e.spread(samples)["median"])
+
+
+def test_merge_rounds_names_a_failed_round():
+    model, pipeline = bench_e2e.MODELS["tiny_gpt2"], bench_e2e.PIPELINES["torch_fused_clip"]
+    ok = bench_e2e.new_row(model, pipeline, "ok")
+    samples = {name: [1.0, 3.0] for name in bench_e2e.TIME_FIGURES}
+    ok.update({name: bench_e2e.spread(v) for name, v in samples.items()}, samples=samples,
+              peak_gb=2.0, wall_s=1.0, loss_last=5.0)
+    failed = bench_e2e.new_row(model, pipeline, "oom", "OutOfMemoryError: tried 2 GB")
+    failed["wall_s"] = 0.5
+    row = bench_e2e.merge_rounds([ok, failed])
+    assert row["status"] == "ok" and row["rounds"] == 1 and row["peak_gb"] == 2.0
+    assert row["note"] == "round 2: oom: OutOfMemoryError: tried 2 GB" and row["wall_s"] == 1.5
+    assert bench_e2e.merge_rounds([failed])["status"] == "oom"

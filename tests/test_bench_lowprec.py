@@ -115,3 +115,15 @@ def test_bytes_per_param():
     # 24-bit master (1 B) + two int8 moments with one scale byte per 32 elements each.
     assert bench_lowprec.bytes_per_param(rows["fusedopt_bf16_m24_int8"]) == (2, 12.125, 3.0625)
     assert bench_lowprec.bytes_per_param(rows["flashoptim_bf16"])[2] == 3.125  # fp16 scales
+
+
+def test_e2e_rounds_pool_each_rows_iterations(tmp_path):
+    argv = ["--dry-run", "--e2e", "--out", str(tmp_path), "--name", "lp", "--rows",
+            "torch_bf16,fusedopt_bf16_m32_fp32", "--e2e-rounds", "2"]
+    assert bench_lowprec.main(argv) == 0
+    data = json.loads((tmp_path / "lp.json").read_text())
+    assert data["header"]["e2e"]["rounds"] == 2
+    assert [r["pipeline"] for r in data["e2e"]] == ["torch_bf16", "fusedopt_bf16_m32_fp32"]
+    for row in data["e2e"]:
+        assert row["status"] == "ok", row["note"]
+        assert row["rounds"] == 2 and len(row["samples"]["iter_ms"]) == 4
