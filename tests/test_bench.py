@@ -186,3 +186,31 @@ def test_profile_host_smoke(capsys):
     assert 0 < p20 <= median <= p80
     # The profile covers the step: the engine's step function is among its lines.
     assert "Ordered by: internal time" in out and "step.py" in out
+
+
+def test_memory_peak_replays_the_trace():
+    import memory_peak
+
+    here = [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+            {"filename": "/r/python/fusedopt/engine/tables.py", "line": 9, "name": "make"}]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": here},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": []},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 3, "size": 120, "frames": here},
+        {"action": "alloc", "addr": 4, "size": 10, "frames": here},
+        {"action": "free_completed", "addr": 4, "size": 10},
+        {"action": "free_completed", "addr": 99, "size": 7},  # made before the trace: in base
+    ]
+    out = memory_peak.live_at_peak(trace, base=1000)
+    # 1000 + 50 + 120 + 10: the free of block 1 came before, block 4's after the highest point.
+    assert out["peak_bytes"] == 1180 and out["event"] == 5
+    place = "tables.py:9 make"
+    assert out["groups"] == {(50, "?"): 1, (120, place): 1, (10, place): 1}
+    other = memory_peak.live_at_peak(trace[:2], base=1000)["groups"]
+    diff = memory_peak.difference(out["groups"], other)
+    # The other trace's peak holds block 1 (100 bytes) and not blocks 3 and 4.
+    assert [(d["size"], d["count"], d["bytes"]) for d in diff] == [(120, 1, 120), (100, -1, -100),
+                                                                 (10, 1, 10)]
+    assert [r["bytes"] for r in memory_peak.group_rows(out["groups"])] == [120, 50, 10]
