@@ -77,16 +77,31 @@ class DeviceGuard {
 
 cudaStream_t stream_of(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
-void grad_norm(int dtype, uintptr_t block_tensor, int64_t num_blocks, uintptr_t tensor_table, int64_t num_tensors,
-               uintptr_t scale, uintptr_t block_sums, int64_t block_sums_stride, int device, uintptr_t stream) {
-  const char* f = "grad_norm";
-  const Dtype dt = dtype_of(f, dtype);
+// A segment's blocks and tensors: tensor i of the segment owns blocks tensor_block_start[i] ..
+// tensor_block_start[i + 1] - 1 (int32 [num_segment_tensors + 1], on the device: not read here)
+// and is column tensor_offset + i of the device's tensor table (num_tensors columns). Returns
+// tensor_block_start, which may be null only for a segment without blocks.
+const int32_t* segment_of(const char* f, uintptr_t tensor_block_start, int64_t num_segment_tensors,
+                          int64_t num_blocks, int64_t tensor_offset, int64_t num_tensors) {
   require_count(f, "num_blocks", num_blocks, kMaxGridX);
   require_count(f, "num_tensors", num_tensors, INT32_MAX);
-  // block_tensor holds int32 indices; a segment with blocks indexes at least one tensor.
-  if (num_blocks > 0 && num_tensors == 0) fail(f, "num_tensors must be >= 1 when num_blocks > 0");
+  require_count(f, "num_segment_tensors", num_segment_tensors, INT32_MAX);
+  if (num_blocks > 0 && num_segment_tensors == 0) fail(f, "num_segment_tensors must be >= 1 when num_blocks > 0");
+  // Both counts are in [0, INT32_MAX]: the difference does not overflow.
+  if (tensor_offset < 0 || tensor_offset > num_tensors - num_segment_tensors)
+    fail(f, "tensor_offset + num_segment_tensors must lie within the tensor table's num_tensors columns, got "
+            "tensor_offset " + std::to_string(tensor_offset) + ", num_segment_tensors " +
+                std::to_string(num_segment_tensors) + ", num_tensors " + std::to_string(num_tensors));
+  return pointer<const int32_t>(f, "tensor_block_start", tensor_block_start, /*nullable=*/num_blocks == 0);
+}
+
+void grad_norm(int dtype, uintptr_t tensor_block_start, int64_t num_segment_tensors, int64_t num_blocks,
+               int64_t tensor_offset, uintptr_t tensor_table, int64_t num_tensors, uintptr_t scale,
+               uintptr_t block_sums, int64_t block_sums_stride, int device, uintptr_t stream) {
+  const char* f = "grad_norm";
+  const Dtype dt = dtype_of(f, dtype);
+  auto* starts = segment_of(f, tensor_block_start, num_segment_tensors, num_blocks, tensor_offset, num_tensors);
   const bool empty = num_blocks == 0;
-  auto* bt = pointer<const int32_t>(f, "block_tensor", block_tensor, /*nullable=*/empty);
   auto* table = pointer<const int64_t>(f, "tensor_table", tensor_table, /*nullable=*/empty);
   auto* sc = pointer<const float>(f, "scale", scale, /*nullable=*/true);
   auto* out = pointer<float>(f, "block_sums", block_sums, /*nullable=*/empty);
@@ -94,7 +109,8 @@ void grad_norm(int dtype, uintptr_t block_tensor, int64_t num_blocks, uintptr_t 
   // An empty segment launches nothing and needs no device.
   if (empty) return;
   DeviceGuard guard(f, device);
-  fusedopt::launch_grad_norm(dt, bt, num_blocks, table, num_tensors, sc, out, block_sums_stride, stream_of(stream));
+  fusedopt::launch_grad_norm(dt, starts, int32_t(num_segment_tensors), num_blocks, tensor_offset, table, num_tensors,
+                             sc, out, block_sums_stride, stream_of(stream));
 }
 
 void tensor_reduce(uintptr_t block_values, int64_t values_stride, uintptr_t tensor_block_start, int64_t num_tensors,
@@ -173,21 +189,20 @@ fusedopt::StateDtype state_dtype_of(const char* function, int code) {
   return StateDtype(code);
 }
 
-void update(const std::string& algorithm, int dtype, uintptr_t block_tensor, int64_t num_blocks,
-            uintptr_t tensor_table, int64_t num_tensors, uintptr_t state1, uintptr_t state2, int state_dtype,
-            uintptr_t tensor_step, uintptr_t hyper, uintptr_t globals, uintptr_t stats_partials,
-            int64_t stats_stride, uintptr_t remainder, int master_bits, uintptr_t scale1, uintptr_t scale2,
-            int device, uintptr_t stream) {
+void update(const std::string& algorithm, int dtype, uintptr_t tensor_block_start, int64_t num_segment_tensors,
+            int64_t num_blocks, int64_t tensor_offset, uintptr_t tensor_table, int64_t num_tensors, uintptr_t state1,
+            uintptr_t state2, int state_dtype, uintptr_t tensor_step, uintptr_t hyper, uintptr_t globals,
+            uintptr_t stats_partials, int64_t stats_stride, uintptr_t remainder, int master_bits, uintptr_t scale1,
+            uintptr_t scale2, int device, uintptr_t stream) {
   const char* f = "update";
   const fusedopt::AlgorithmSchema& alg = algorithm_of(f, algorithm);
   const Dtype dt = dtype_of(f, dtype);
-  require_count(f, "num_blocks", num_blocks, kMaxGridX);
-  require_count(f, "num_tensors", num_tensors, INT32_MAX);
-  if (num_blocks > 0 && num_tensors == 0) fail(f, "num_tensors must be >= 1 when num_blocks > 0");
-  const bool empty = num_blocks == 0;
   fusedopt::UpdateArgs a{};
-  a.block_tensor = pointer<const int32_t>(f, "block_tensor", block_tensor, /*nullable=*/empty);
-  a.num_blocks = num_blocks;
+  a.tensor_block_start =
+      segment_of(f, tensor_block_start, num_segment_tensors, num_blocks, tensor_offset, num_tensors);
+  a.num_segment_tensors = int32_t(num_segment_tensors);
+  a.tensor_offset = int32_t(tensor_offset);
+  const bool empty = num_blocks == 0;
   a.tensor_table = pointer<const int64_t>(f, "tensor_table", tensor_table, /*nullable=*/empty);
   a.num_tensors = num_tensors;
   a.state1 = pointer<void>(f, "state1", state1, /*nullable=*/empty);
@@ -220,7 +235,7 @@ void update(const std::string& algorithm, int dtype, uintptr_t block_tensor, int
   a.stats_stride = stats_stride;
   if (empty) return;
   DeviceGuard guard(f, device);
-  fusedopt::launch_update(alg.code, dt, a, stream_of(stream));
+  fusedopt::launch_update(alg.code, dt, num_blocks, a, stream_of(stream));
 }
 
 // The schema numbers (layout.h and the algorithm structs) under the names of
@@ -238,7 +253,6 @@ py::dict schema() {
   table_rows["grad_addr"] = int(fo::kGradAddr);
   table_rows["group"] = int(fo::kGroup);
   table_rows["numel"] = int(fo::kNumel);
-  table_rows["block_start"] = int(fo::kBlockStart);
   table_rows["state_start"] = int(fo::kStateStart);
   py::dict common_hyper;
   common_hyper["lr"] = int(fo::kLr);
@@ -309,8 +323,9 @@ PYBIND11_MODULE(_C, m) {
         "The schema numbers the kernels are compiled with (csrc/layout.h, csrc/algorithms/), under "
         "fusedopt.engine.layout's names.");
   m.def("grad_norm", &grad_norm, "Launch 1: per-block sum of (grad/scale)^2 and non-finite flag.", py::arg("dtype"),
-        py::arg("block_tensor"), py::arg("num_blocks"), py::arg("tensor_table"), py::arg("num_tensors"),
-        py::arg("scale"), py::arg("block_sums"), py::arg("block_sums_stride"), py::arg("device"), py::arg("stream"));
+        py::arg("tensor_block_start"), py::arg("num_segment_tensors"), py::arg("num_blocks"), py::arg("tensor_offset"),
+        py::arg("tensor_table"), py::arg("num_tensors"), py::arg("scale"), py::arg("block_sums"),
+        py::arg("block_sums_stride"), py::arg("device"), py::arg("stream"));
   m.def("tensor_reduce", &tensor_reduce, "Launch 2: fold per-block values per tensor (0 sum, 1 min, 2 max).",
         py::arg("block_values"), py::arg("values_stride"), py::arg("tensor_block_start"), py::arg("num_tensors"),
         py::arg("ops"), py::arg("out"), py::arg("out_stride"), py::arg("tensor_offset"), py::arg("device"),
@@ -323,9 +338,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"));
   m.def("update", &update, "Launch 4: one algorithm's step over a segment (fp32, bf16 or 8-bit state, master weights "
         "for bf16 params), with optional statistics partials.",
-        py::arg("algorithm"), py::arg("dtype"), py::arg("block_tensor"), py::arg("num_blocks"),
-        py::arg("tensor_table"), py::arg("num_tensors"), py::arg("state1"), py::arg("state2"),
-        py::arg("state_dtype"), py::arg("tensor_step"), py::arg("hyper"), py::arg("globals"),
-        py::arg("stats_partials"), py::arg("stats_stride"), py::arg("remainder"), py::arg("master_bits"),
-        py::arg("scale1"), py::arg("scale2"), py::arg("device"), py::arg("stream"));
+        py::arg("algorithm"), py::arg("dtype"), py::arg("tensor_block_start"), py::arg("num_segment_tensors"),
+        py::arg("num_blocks"), py::arg("tensor_offset"), py::arg("tensor_table"), py::arg("num_tensors"),
+        py::arg("state1"), py::arg("state2"), py::arg("state_dtype"), py::arg("tensor_step"), py::arg("hyper"),
+        py::arg("globals"), py::arg("stats_partials"), py::arg("stats_stride"), py::arg("remainder"),
+        py::arg("master_bits"), py::arg("scale1"), py::arg("scale2"), py::arg("device"), py::arg("stream"));
 }

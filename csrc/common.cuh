@@ -109,8 +109,8 @@ __device__ __forceinline__ uint32_t lanes_max(uint32_t v) {
 
 // Element mapping of one BLOCK onto a thread's kPerThread slots. Every array is addressed from a
 // base pointer at the block's first element: params and grads at the tensor's element
-// b * kBlock - BLOCK_START (pointer arithmetic in 64 bits), states (and remainders) at STATE_START
-// plus that element; offsets inside a block stay below kBlock.
+// (b - tensor_block_start[i]) * kBlock (BlockOwner; pointer arithmetic in 64 bits), states (and
+// remainders) at STATE_START plus that element; offsets inside a block stay below kBlock.
 // Full path (the block lies entirely inside the tensor and every base pointer is 16-byte aligned):
 //   slot k * W + j <-> element (k * kThreads + tid) * W + j, so each thread moves W consecutive
 //   elements of every array in vectors (RawSlots). W is the larger kVec of the param and the
@@ -580,18 +580,44 @@ struct Int8Code {
   };
 };
 
+// The segment's tensor that segment block `block` belongs to: the largest i < count with
+// starts[i] <= block, where starts is the segment's tensor_block_start ([count + 1], starts[0] = 0
+// <= block < starts[count], non-decreasing), so empty tensors (equal consecutive entries) are
+// passed over. A binary search rather than an array of each block's tensor, which would take 4 B
+// a block, 1 MB at 1.1B params, resident through the training iteration's memory peak. It costs
+// ceil(log2(count)) dependent 4-byte loads, 8 for LLaMA 1.1B's ~200 tensors, of an array under
+// 1 KB that stays in L1; every thread of the block loads the same addresses (one broadcast
+// transaction a warp).
+struct BlockOwner {
+  int32_t index;        // i, the tensor's column in the tensor table less tensor_offset
+  int32_t first_block;  // starts[i]
+
+  // The tensor's element under the first slot of segment block `block`.
+  __device__ __forceinline__ int64_t first_element(int64_t block) const { return (block - first_block) * kBlock; }
+};
+
+__device__ __forceinline__ BlockOwner block_owner(const int32_t* __restrict__ starts, int32_t count, int64_t block) {
+  int32_t lo = 0, hi = count, lo_start = 0;  // lo_start = starts[lo] <= block < starts[hi]
+  while (hi - lo > 1) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    const int32_t start = starts[mid];
+    if (start <= block) {
+      lo = mid;
+      lo_start = start;
+    } else {
+      hi = mid;
+    }
+  }
+  return {lo, lo_start};
+}
+
 // Column `tensor` of the tensor table, int64 [kTableRows, num_tensors] (layout.h, TableRow).
 class TableColumn {
  public:
-  __device__ __forceinline__ TableColumn(const int64_t* __restrict__ table, int64_t num_tensors, int32_t tensor)
+  __device__ __forceinline__ TableColumn(const int64_t* __restrict__ table, int64_t num_tensors, int64_t tensor)
       : column_(table + tensor), stride_(num_tensors) {}
 
   __device__ __forceinline__ int64_t operator[](int row) const { return column_[row * stride_]; }
-
-  // The tensor's element under the first slot of segment block `block`: b * kBlock - BLOCK_START.
-  __device__ __forceinline__ int64_t first_element(int64_t block) const {
-    return block * kBlock - (*this)[kBlockStart];
-  }
 
   // The param (kParamAddr) or grad (kGradAddr) storage at element `element` of the tensor.
   template <typename T>

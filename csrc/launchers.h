@@ -30,11 +30,17 @@ enum class StateDtype : int { kFloat32 = 0, kBFloat16 = 1, kUInt8 = 3 };
 // (torch's stride(0); the column stride is 1), so row views of larger tables work as they are.
 // The tensor table is contiguous: its row stride is num_tensors.
 
+// A segment of num_blocks blocks over num_segment_tensors tensors, the device's tensors
+// tensor_offset .. tensor_offset + num_segment_tensors - 1: tensor i of the segment covers blocks
+// tensor_block_start[i] .. tensor_block_start[i + 1] - 1 (int32 [num_segment_tensors + 1],
+// tensor_block_start[0] = 0, tensor_block_start[num_segment_tensors] = num_blocks; an empty tensor
+// has no blocks) and sits in column tensor_offset + i of the tensor table.
+
 // block_sums[0, b] = sum of (grad * inv_scale)^2 over block b, block_sums[1, b] = 1 if any such
 // value is non-finite, grads read through the tensor table. scale may be null (scale 1).
-void launch_grad_norm(Dtype dtype, const int32_t* block_tensor, int64_t num_blocks, const int64_t* tensor_table,
-                      int64_t num_tensors, const float* scale, float* block_sums, int64_t block_sums_stride,
-                      cudaStream_t stream);
+void launch_grad_norm(Dtype dtype, const int32_t* tensor_block_start, int32_t num_segment_tensors, int64_t num_blocks,
+                      int64_t tensor_offset, const int64_t* tensor_table, int64_t num_tensors, const float* scale,
+                      float* block_sums, int64_t block_sums_stride, cudaStream_t stream);
 
 // out[c, tensor_offset + t] = ops[c]-reduction of block_values[c, tensor_block_start[t] ..
 // tensor_block_start[t + 1]) for t < num_tensors.
@@ -62,9 +68,14 @@ struct FinalizeArgs {
 
 void launch_finalize(const FinalizeArgs& args, cudaStream_t stream);
 
+// The update kernel's parameter, passed by value: at most 120 bytes, so the block count is the
+// launch's (launch_update) and tensor_offset 32 bits (bindings.cpp keeps tensor_offset +
+// num_segment_tensors <= num_tensors <= INT32_MAX). nvcc (CUDA 13.0, sm_90) reads the arrays
+// through the read-only path (ld.global.nc) only up to that size: at 128 bytes 120 loads of the
+// 90 update kernels' PTX lost it, tensor_step's among them; at 136 (with num_blocks) ptxas also
+// fits 11 kernels fewer blocks per SM, two of them 1 (134 registers).
 struct UpdateArgs {
-  const int32_t* block_tensor;  // [num_blocks]
-  int64_t num_blocks;
+  const int32_t* tensor_block_start;  // [num_segment_tensors + 1], the segment's (see above)
   const int64_t* tensor_table;  // [kTableRows, num_tensors]
   int64_t num_tensors;
   // The state buffers hold state_dtype elements (the kernel picks its instantiation by it, hence
@@ -81,18 +92,21 @@ struct UpdateArgs {
   void* remainder;
   // 8-bit state (state_dtype kUInt8): the group scale bytes of state1 and state2, one per
   // kInt8Group elements of the state buffer (element e's at e / kInt8Group); null otherwise, and
-  // scale2 for a one-state algorithm. After the fields the kernels had before them, so those keep
-  // their parameter offsets.
+  // scale2 for a one-state algorithm.
   uint8_t* scale1;
   uint8_t* scale2;
-  // The two 4-byte fields last and side by side: with a padding hole after state_dtype in the
-  // middle of this (kernel parameter) struct, nvcc stopped reading block_tensor and tensor_step
-  // through the read-only path (ld.global.nc) in the STATS kernels.
+  // The 4-byte fields last and side by side: a padding hole in the middle of this struct keeps
+  // nvcc from reading tensor_step through the read-only path (ld.global.nc) in the STATS kernels.
+  int32_t num_segment_tensors;  // tensor_block_start's entries - 1
+  int32_t tensor_offset;        // the device-local index of the segment's first tensor
   int master_bits;              // 0, 32 (int16 remainder) or 24 (uint8 remainder)
   StateDtype state_dtype;       // kFloat32, kBFloat16 (stored rounded stochastically) or kUInt8
 };
+static_assert(sizeof(UpdateArgs) <= 120, "past 120 bytes nvcc drops ld.global.nc in the update kernels");
 
-void launch_update(Algorithm algorithm, Dtype dtype, const UpdateArgs& args, cudaStream_t stream);
+// One thread block per block of the segment: num_blocks of them.
+void launch_update(Algorithm algorithm, Dtype dtype, int64_t num_blocks, const UpdateArgs& args,
+                   cudaStream_t stream);
 
 // What an algorithm's struct (csrc/algorithms/<name>.cuh) declares, for argument checks and
 // fusedopt._C.schema().

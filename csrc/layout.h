@@ -42,17 +42,17 @@ constexpr const char* state_code_name(StateCode code) { return code == StateCode
 // ~1000 steps at beta2 = 0.999, m's fades within ~10).
 constexpr int int8_mantissa_bits(StateCode code) { return code == StateCode::kSqrt ? 5 : 4; }
 
-// Rows of the per-device tensor table, int64 [kTableRows, T_dev] (column t = tensor t).
+// Rows of the per-device tensor table, int64 [kTableRows, T_dev] (column t = tensor t). A
+// segment's kernel block finds its tensor in the segment's tensor_block_start (block_owner in
+// common.cuh), not in this table.
 enum TableRow : int {
   kParamAddr = 0,   // p.data_ptr(): storage dtype, dense in memory
   kGradAddr = 1,    // the gradient's data_ptr(), same strides as the param; 0 without a gradient
   kGroup = 2,       // param group, -1 when the tensor has no gradient this step
   kNumel = 3,       // elements of the tensor
-  kBlockStart = 4,  // the tensor's first block in its segment * kBlock: block b starts at element
-                    // b * kBlock - kBlockStart of the tensor
-  kStateStart = 5,  // element offset of the tensor's state in the segment's state buffers
+  kStateStart = 4,  // element offset of the tensor's state in the segment's state buffers
                     // (a multiple of kStateAlign)
-  kTableRows = 6,
+  kTableRows = 5,
 };
 
 // Columns of the per-group hyperparameter table, float32 [G, kNumHyper]: these four are common to

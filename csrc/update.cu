@@ -1,7 +1,8 @@
 // update: launch 4 of the fused step (docs/kernel_contract.md). One thread block per BLOCK of a
-// segment applies an algorithm's step to its elements: the block's tensor t = block_tensor[b]
-// comes from the tensor table, its param and grad (storage dtype, where their owners put them) at
-// PARAM_ADDR[t] / GRAD_ADDR[t] + e with e = b * BLOCK + j - BLOCK_START[t], its state at
+// segment applies an algorithm's step to its elements: block b belongs to the segment's tensor i
+// (block_owner, a binary search over tensor_block_start), column t = tensor_offset + i of the
+// tensor table, its param and grad (storage dtype, where their owners put them) at
+// PARAM_ADDR[t] / GRAD_ADDR[t] + e with e = (b - tensor_block_start[i]) * BLOCK + j, its state at
 // STATE_START[t] + e of state1 / state2. g = (grad * INV_SCALE) * CLIP_COEF; the element math, the
 // per-block scalars (fp64, rounded once) and the statistics are the algorithm's
 // (csrc/algorithms/<name>.cuh); this file is the one traversal, templated on the algorithm, the
@@ -30,15 +31,15 @@
 //
 // Napkin math, bytes per element: the algorithm's (28 | 22 B for AdamW, 20 | 14 B for SGD with
 // momentum and Lion, fp32 | bf16/fp16 params with fp32 state; the low-precision modes in each
-// header), plus per block of 4096 elements 4 B of block_tensor, 40 B of table column, the group's
-// 32 B hyper row and 4 B of step (0.02 B/element). Statistics add no per-element traffic (4 B of
-// partials per column per block). 8-bit state moves 1 B of code and 1/32 B of scale per element
-// and moment, each read and written: 2.06 B a moment against 8 in fp32. The tier adds integer
-// work, which bounds these modes (the GPU issues integer ALU operations at half the fp32 rate);
-// per element on the full path (sm_90 SASS of AdamW with bf16 params): the hash, 9 operations
-// for both states; the master's combine, 2 (32 bits) or ~3 (24), and split, an add per stored
-// array and its share of the PRMTs packing the vectors (1/2 a bf16, 3/4 a byte); a bf16 state
-// value's rounding, an add and 1/2 PRMT; an 8-bit state value's decode, 2 ("sqrt") or 3
+// header), plus per block of 4096 elements 40 B of table column, the group's 32 B hyper row and 4 B
+// of step (0.02 B/element); block_owner's loads of tensor_block_start hit in L1. Statistics add no
+// per-element traffic (4 B of partials per column per block). 8-bit state moves 1 B of code and
+// 1/32 B of scale per element and moment, each read and written: 2.06 B a moment against 8 in fp32.
+// The tier adds integer work, which bounds these modes (the GPU issues integer ALU operations at
+// half the fp32 rate); per element on the full path (sm_90 SASS of AdamW with bf16 params): the
+// hash, 9 operations for both states; the master's combine, 2 (32 bits) or ~3 (24), and split, an
+// add per stored array and its share of the PRMTs packing the vectors (1/2 a bf16, 3/4 a byte); a
+// bf16 state value's rounding, an add and 1/2 PRMT; an 8-bit state value's decode, 2 ("sqrt") or 3
 // ("signed") integer operations and 2 FMULs, and encode, 4 and 2 FMULs (and an IEEE sqrt for
 // "sqrt") and 3/4 PRMT, plus its magnitude and share of the group's maximum, ~2, and per group a
 // 2-3 step shuffle butterfly on the full path (5 on the tail path).
@@ -162,17 +163,15 @@ __device__ __forceinline__ void combine_masters(float (&p)[kPerThread], const R 
 }
 
 // T: the params' storage dtype; S: the states' (float, __nv_bfloat16 rounded stochastically, or
-// uint8_t, the codes of 8-bit state beside their group scale bytes); MASTER_BITS: 0, or 24 / 32
-// for bf16 params with master weights, whose update runs on the fp32 master (param + remainder)
-// and is split back into both. With S = float and MASTER_BITS 0 an instantiation compiles to the
-// SASS of the kernel before the tier (sm_90, compared); the fp32 and bf16 state instantiations
-// kept their SASS when 8-bit state came (sm_80 and sm_90, compared) but for the parameter offset
-// of states_aligned, 16 bytes on (UpdateArgs gained scale1, scale2). ptxas stays at 128 or 80
-// registers, 2 or 3 blocks per SM, and spills 8 bytes in two Lion instantiations with STATS on
-// sm_90 (bf16 params with fp32 state, fp16 params with bf16 state), around the fp64 division
-// thread 0 makes for the block's constants; none on sm_80. Without that target
-// (__launch_bounds__(kThreads, 1)) the AdamW 8-bit ones take up to 144 registers (fp32 params,
-// STATS), 1 block per SM.
+// uint8_t, the codes of 8-bit state beside their group scale bytes); MASTER_BITS: 0, or 24 / 32 for
+// bf16 params with master weights, whose update runs on the fp32 master (param + remainder) and is
+// split back into both. ptxas (CUDA 13.0) keeps them at 128 or 80 registers or below, 2 or 3 blocks
+// per SM, and spills 4-20 bytes in a few: on sm_90 Lion (fp16 params, bf16 state, STATS), SGD (bf16
+// params and state, STATS; bf16 params, fp32 state, 24-bit masters) and AdamW (bf16 params and
+// state, 32-bit masters, STATS); on sm_80 the last two and SGD (fp32, STATS). Which ones spill, and
+// which fit 3 blocks, shifts with any change to the kernel or to UpdateArgs (launchers.h). Without
+// that target (__launch_bounds__(kThreads, 1)) the AdamW 8-bit ones take up to 144 registers (fp32
+// params, STATS), 1 block per SM.
 template <class A, typename T, typename S, int MASTER_BITS, bool STATS>
 __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bool states_aligned) {
   static_assert(A::kStates >= 1 && A::kStates <= kMaxStates, "update takes state1 and state2");
@@ -195,7 +194,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
   constexpr StateCode kCode2 = A::kCodes[A::kStates - 1];
   __shared__ Coeffs shared_coeffs;
   const int64_t block = blockIdx.x;
-  const int32_t tensor_index = a.block_tensor[block];
+  const BlockOwner owner = block_owner(a.tensor_block_start, a.num_segment_tensors, block);
+  const int32_t tensor_index = a.tensor_offset + owner.index;
   const TableColumn tensor(a.tensor_table, a.num_tensors, tensor_index);
   const int64_t group = tensor[kGroup];
   float stats[A::kStats];
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
     if (!STATS && found_inf) return;
     const float* row = a.hyper + group * kNumHyper;
     const bool uses_state = A::uses_state(row);
-    const int64_t first = tensor.first_element(block);
+    const int64_t first = owner.first_element(block);
     T* param = tensor.address<T>(kParamAddr, first);
     const T* grad = tensor.address<const T>(kGradAddr, first);
     const int64_t state_element = tensor[kStateStart] + first;
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
       if constexpr (kMaster) combine_masters<MASTER_BITS>(p, r);
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i)
-        if (slots.valid(i)) A::template step_element<Rounded, STATS>(c, p[i], c.unscale(g[i]), s1[i], s2[i], stats);
+        if (slots.valid(i)) A::template step_element<Rounded, STATS, kInt8>(c, p[i], c.unscale(g[i]), s1[i], s2[i], stats);
       if constexpr (kMaster) {
         using M = Master<MASTER_BITS>;
         slots.template store_shifted<M::kParamShift>(param, p, [](float master, int) { return M::param_word(master); });
@@ -340,12 +340,12 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs a, bo
 }
 
 template <class A, typename T, typename S, int MASTER_BITS>
-void launch(const UpdateArgs& a, cudaStream_t stream) {
+void launch(int64_t num_blocks, const UpdateArgs& a, cudaStream_t stream) {
   // Params and grads are checked per block from the table; the state buffers and the remainder
   // once, here.
   const bool states_aligned = is_aligned16(a.state1) && (a.state2 == nullptr || is_aligned16(a.state2)) &&
                               (a.remainder == nullptr || is_aligned16(a.remainder));
-  const unsigned grid = unsigned(a.num_blocks);
+  const unsigned grid = unsigned(num_blocks);
   if (a.stats_partials != nullptr)
     update_kernel<A, T, S, MASTER_BITS, true><<<grid, kThreads, 0, stream>>>(a, states_aligned);
   else
@@ -354,18 +354,18 @@ void launch(const UpdateArgs& a, cudaStream_t stream) {
 }
 
 template <class A, typename S>
-void launch_params(Dtype dtype, const UpdateArgs& a, cudaStream_t stream) {
+void launch_params(Dtype dtype, int64_t num_blocks, const UpdateArgs& a, cudaStream_t stream) {
   if (a.master_bits != 0 && dtype != Dtype::kBFloat16)
     throw std::invalid_argument("update: master weights (master_bits " + std::to_string(a.master_bits) +
                                 ") are for bfloat16 params, got dtype code " + std::to_string(int(dtype)));
   switch (dtype) {
-    case Dtype::kFloat32: return launch<A, float, S, 0>(a, stream);
-    case Dtype::kFloat16: return launch<A, __half, S, 0>(a, stream);
+    case Dtype::kFloat32: return launch<A, float, S, 0>(num_blocks, a, stream);
+    case Dtype::kFloat16: return launch<A, __half, S, 0>(num_blocks, a, stream);
     case Dtype::kBFloat16:
       switch (a.master_bits) {
-        case 0: return launch<A, __nv_bfloat16, S, 0>(a, stream);
-        case 24: return launch<A, __nv_bfloat16, S, 24>(a, stream);
-        case 32: return launch<A, __nv_bfloat16, S, 32>(a, stream);
+        case 0: return launch<A, __nv_bfloat16, S, 0>(num_blocks, a, stream);
+        case 24: return launch<A, __nv_bfloat16, S, 24>(num_blocks, a, stream);
+        case 32: return launch<A, __nv_bfloat16, S, 32>(num_blocks, a, stream);
       }
       throw std::invalid_argument("update: master_bits must be 0, 24 or 32, got " + std::to_string(a.master_bits));
   }
@@ -373,11 +373,11 @@ void launch_params(Dtype dtype, const UpdateArgs& a, cudaStream_t stream) {
 }
 
 template <class A>
-void launch_dtype(Dtype dtype, const UpdateArgs& a, cudaStream_t stream) {
+void launch_dtype(Dtype dtype, int64_t num_blocks, const UpdateArgs& a, cudaStream_t stream) {
   switch (a.state_dtype) {
-    case StateDtype::kFloat32: return launch_params<A, float>(dtype, a, stream);
-    case StateDtype::kBFloat16: return launch_params<A, __nv_bfloat16>(dtype, a, stream);
-    case StateDtype::kUInt8: return launch_params<A, uint8_t>(dtype, a, stream);
+    case StateDtype::kFloat32: return launch_params<A, float>(dtype, num_blocks, a, stream);
+    case StateDtype::kBFloat16: return launch_params<A, __nv_bfloat16>(dtype, num_blocks, a, stream);
+    case StateDtype::kUInt8: return launch_params<A, uint8_t>(dtype, num_blocks, a, stream);
   }
   throw std::invalid_argument("update: state dtype code must be 0 (float32), 1 (bfloat16) or 3 (uint8), got " +
                               std::to_string(int(a.state_dtype)));
@@ -393,9 +393,10 @@ AlgorithmSchema schema_of(Algorithm code) {
 
 }  // namespace
 
-void launch_update(Algorithm algorithm, Dtype dtype, const UpdateArgs& args, cudaStream_t stream) {
+void launch_update(Algorithm algorithm, Dtype dtype, int64_t num_blocks, const UpdateArgs& args,
+                   cudaStream_t stream) {
   const bool known = with_algorithm(algorithm, [&](auto a) {
-    if (args.num_blocks > 0) launch_dtype<decltype(a)>(dtype, args, stream);
+    if (num_blocks > 0) launch_dtype<decltype(a)>(dtype, num_blocks, args, stream);
   });
   if (!known) throw std::invalid_argument("update: unknown algorithm code " + std::to_string(int(algorithm)));
 }

@@ -8,11 +8,14 @@ GPU (marked gpu): each launch against plain torch on a segment whose params and 
 owners put them (docs/kernel_contract.md): own allocations, a channels_last 4-D param, views into
 one shared buffer at offsets that are not 16-byte aligned (scalar path) and at aligned ones (vector
 path), an aligned param with an unaligned grad, a tensor without a gradient (GRAD_ADDR 0, skipped)
-and a tensor of another segment in the same table. The expected update is the contract's element
-math in fp32 torch ops in the kernels' order, so params and states must match bit for bit; the
-statistics partials are checked against sums over the kernel's own outputs. Also: found_inf (no
-byte written), bitwise repeats of the whole step, and a tensor above 2^31 elements (memory-gated).
+and a tensor of another segment in the same table; and a segment with empty tensors (no blocks)
+among its others, behind two tensors of another segment. The expected update is the contract's
+element math in fp32 torch ops in the kernels' order, so params and states must match bit for
+bit; the statistics partials are checked against sums over the kernel's own outputs. Also:
+found_inf (no byte written), bitwise repeats of the whole step, and a tensor above 2^31 elements
+(memory-gated).
 """
+import bisect
 import importlib
 import math
 import re
@@ -82,31 +85,49 @@ def recorder(monkeypatch):
     return fake
 
 
-def cpu_layout(sizes=(1, 5000)):
+def block_starts(sizes):
+    """tensor_block_start of a segment of tensors of `sizes` elements: each tensor's first block
+    (an empty tensor has none: its entry repeats the next one's), then the block count."""
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + -(-n // BLOCK))
+    return starts
+
+
+def owner_of(starts, b):
+    """The segment's tensor that block b belongs to: the largest i < S with starts[i] <= b."""
+    return bisect.bisect_right(starts, b) - 1
+
+
+def cpu_layout(sizes=(1, 5000), tensor_offset=0):
     """The per-segment and per-device arrays of a segment of `sizes`, on CPU (no params: the
-    wrapper never sees them)."""
-    blocks, block_start, state_start = [], [0], []
-    for t, n in enumerate(sizes):
-        state_start.append(len(blocks) * BLOCK)
-        blocks += [t] * -(-n // BLOCK)
-        block_start.append(len(blocks))
-    nb, num_tensors = len(blocks), len(sizes)
+    wrapper never sees them); the table holds tensor_offset other tensors before the segment's."""
+    starts = block_starts(sizes)
+    nb, num_tensors = starts[-1], tensor_offset + len(sizes)
     table = torch.zeros(layout.TABLE_ROWS, num_tensors, dtype=torch.int64)
-    table[layout.NUMEL] = torch.tensor(sizes)
+    table[layout.NUMEL, tensor_offset:] = torch.tensor(sizes)
     # Each tensor's state at its first block's element, as in the padded layouts these tests
     # were written for; the engine's tests run the packed layout (STATE_ALIGN) on the GPU.
-    table[layout.BLOCK_START] = torch.tensor(state_start)
-    table[layout.STATE_START] = torch.tensor(state_start)
+    table[layout.STATE_START, tensor_offset:] = torch.tensor(starts[:-1]) * BLOCK
     return SimpleNamespace(
-        num_blocks=nb, block_tensor=torch.tensor(blocks, dtype=torch.int32), table=table,
-        tensor_block_start=torch.tensor(block_start, dtype=torch.int32),
+        num_blocks=nb, tensor_offset=tensor_offset, table=table,
+        tensor_block_start=torch.tensor(starts, dtype=torch.int32),
         state1=torch.zeros(nb * BLOCK), state2=torch.zeros(nb * BLOCK),
         step=torch.ones(num_tensors), hyper=torch.zeros(2, layout.HYPER_COLUMNS),
         globals=torch.zeros(layout.GLOBAL_SLOTS), block_sums=torch.zeros(2, nb))
 
 
+def call_grad_norm(lay, dtype=torch.float32, **changes):
+    args = dict(dtype=dtype, tensor_block_start=lay.tensor_block_start,
+                num_blocks=lay.num_blocks, tensor_offset=lay.tensor_offset,
+                tensor_table=lay.table, scale=None, block_sums=lay.block_sums)
+    args.update(changes)
+    cuda_backend.grad_norm(**args)
+
+
 def call_update(lay, algorithm="adamw", dtype=torch.float32, **changes):
-    args = dict(algorithm=algorithm, dtype=dtype, block_tensor=lay.block_tensor,
+    args = dict(algorithm=algorithm, dtype=dtype, tensor_block_start=lay.tensor_block_start,
+                num_blocks=lay.num_blocks, tensor_offset=lay.tensor_offset,
                 tensor_table=lay.table, state1=lay.state1,
                 state2=lay.state2 if CONTRACT[algorithm]["states"] == 2 else None,
                 tensor_step=lay.step, hyper=lay.hyper, globals_=lay.globals, stats_partials=None)
@@ -136,8 +157,7 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     assert cuda_backend.is_available() is False
     lay = cpu_layout()
     calls = {
-        "grad_norm": lambda: cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table,
-                                                    None, lay.block_sums),
+        "grad_norm": lambda: call_grad_norm(lay),
         "tensor_reduce": lambda: cuda_backend.tensor_reduce(lay.block_sums, lay.tensor_block_start,
                                                             (0, 2), torch.zeros(2, 2), 0),
         "finalize": lambda: call_finalize(lay),
@@ -155,13 +175,17 @@ def test_missing_extension_says_how_to_build(monkeypatch):
 def test_wrong_dtype_is_named(recorder):
     lay = cpu_layout()
     with pytest.raises(TypeError, match=r"dtype must be float32, bfloat16 or float16, got torch.float64"):
-        cuda_backend.grad_norm(torch.float64, lay.block_tensor, lay.table, None, lay.block_sums)
+        call_grad_norm(lay, torch.float64)
     with pytest.raises(TypeError, match=r"tensor_table must have dtype int64, got int32"):
-        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table.int(), None,
-                               lay.block_sums)
-    with pytest.raises(TypeError, match=r"block_tensor must have dtype int32, got int64"):
-        cuda_backend.grad_norm(torch.bfloat16, lay.block_tensor.long(), lay.table, None,
-                               lay.block_sums)
+        call_grad_norm(lay, tensor_table=lay.table.int())
+    with pytest.raises(TypeError, match=r"tensor_block_start must have dtype int32, got int64"):
+        call_grad_norm(lay, torch.bfloat16, tensor_block_start=lay.tensor_block_start.long())
+    with pytest.raises(TypeError, match=r"tensor_block_start must have dtype int32, got int64"):
+        call_update(lay, tensor_block_start=lay.tensor_block_start.long())
+    with pytest.raises(TypeError, match=r"num_blocks must be an int, got Tensor"):
+        call_grad_norm(lay, num_blocks=lay.tensor_block_start[-1])
+    with pytest.raises(TypeError, match=r"tensor_offset must be an int, got float"):
+        call_update(lay, tensor_offset=0.0)
     with pytest.raises(TypeError, match=r"state1 must have dtype float32, bfloat16, got float16"):
         call_update(lay, "sgd", state1=lay.state1.half())
     with pytest.raises(TypeError, match=r"state2 must have dtype float32, bfloat16, got float64"):
@@ -182,20 +206,15 @@ def test_wrong_shapes_and_values_are_named(recorder):
     lay = cpu_layout()
     nb = lay.num_blocks
     with pytest.raises(ValueError, match=r"block_sums must have shape \(2, 3\), got \(3, 3\)"):
-        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table, None,
-                               torch.zeros(3, nb))
-    with pytest.raises(ValueError, match=r"tensor_table must have shape \(6, T\), got \(4, 2\)"):
-        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table[:4], None,
-                               lay.block_sums)
+        call_grad_norm(lay, block_sums=torch.zeros(3, nb))
+    with pytest.raises(ValueError, match=r"block_sums must have shape \(2, 4\), got \(2, 3\)"):
+        call_grad_norm(lay, num_blocks=nb + 1)
+    with pytest.raises(ValueError, match=r"tensor_table must have shape \(5, T\), got \(4, 2\)"):
+        call_grad_norm(lay, tensor_table=lay.table[:4])
     with pytest.raises(ValueError, match=r"tensor_table must be contiguous"):
-        cuda_backend.grad_norm(torch.float32, lay.block_tensor,
-                               torch.zeros(layout.TABLE_ROWS, 4, dtype=torch.int64)[:, ::2], None, lay.block_sums)
-    with pytest.raises(ValueError, match=r"tensor_table has no tensors, but block_tensor has 3"):
-        cuda_backend.grad_norm(torch.float32, lay.block_tensor,
-                               torch.zeros(layout.TABLE_ROWS, 0, dtype=torch.int64), None, lay.block_sums)
+        call_grad_norm(lay, tensor_table=torch.zeros(layout.TABLE_ROWS, 4, dtype=torch.int64)[:, ::2])
     with pytest.raises(ValueError, match=r"scale must have shape \(1,\)"):
-        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table, torch.ones(2),
-                               lay.block_sums)
+        call_grad_norm(lay, scale=torch.ones(2))
     with pytest.raises(ValueError, match=r"ops must be 0 \(sum\), 1 \(min\) or 2 \(max\)"):
         cuda_backend.tensor_reduce(lay.block_sums, lay.tensor_block_start, (0, 3),
                                    torch.zeros(2, 2), 0)
@@ -203,8 +222,8 @@ def test_wrong_shapes_and_values_are_named(recorder):
         cuda_backend.tensor_reduce(lay.block_sums, lay.tensor_block_start, (0, 2),
                                    torch.zeros(2, 2), 1)
     with pytest.raises(ValueError, match=r"algorithm must be one of 'adamw', 'sgd', 'lion', got 'adam'"):
-        cuda_backend.update("adam", torch.float32, lay.block_tensor, lay.table, lay.state1,
-                            lay.state2, lay.step, lay.hyper, lay.globals, None)
+        cuda_backend.update("adam", torch.float32, lay.tensor_block_start, nb, 0, lay.table,
+                            lay.state1, lay.state2, lay.step, lay.hyper, lay.globals, None)
     with pytest.raises(ValueError, match=r"state2 must be None for algorithm 'sgd'"):
         call_update(lay, "sgd", state2=lay.state2)
     with pytest.raises(ValueError, match=r"state2 must be None for algorithm 'lion'"):
@@ -239,12 +258,55 @@ def test_wrong_shapes_and_values_are_named(recorder):
     assert recorder.calls == []
 
 
+def test_segment_is_checked_against_the_table(recorder):
+    """The segment's tensors are the table's columns tensor_offset .. tensor_offset + S - 1,
+    S = tensor_block_start's entries - 1 (int32, at least one entry); blocks need a tensor."""
+    lay = cpu_layout()  # S = 2 tensors, 3 blocks, a table of 2 columns
+    wide = cpu_layout(tensor_offset=3)  # the same segment behind 3 other tensors
+    no_columns = torch.zeros(layout.TABLE_ROWS, 0, dtype=torch.int64)
+    refused = [
+        (r"tensor_offset 1 \+ 2 tensors exceeds tensor_table's 2 columns", dict(tensor_offset=1)),
+        (r"tensor_offset -1 \+ 2 tensors exceeds tensor_table's 2 columns",
+         dict(tensor_offset=-1)),
+        (r"tensor_offset 4 \+ 2 tensors exceeds tensor_table's 5 columns",
+         dict(tensor_offset=4, tensor_table=wide.table)),
+        (r"tensor_offset 0 \+ 2 tensors exceeds tensor_table's 0 columns",
+         dict(tensor_table=no_columns)),
+        (r"tensor_block_start must hold S \+ 1 entries for the segment's S tensors, got 0",
+         dict(tensor_block_start=torch.zeros(0, dtype=torch.int32))),
+        (r"tensor_block_start must be 1-D, got shape \(1, 3\)",
+         dict(tensor_block_start=lay.tensor_block_start[None])),
+        (r"tensor_block_start must be contiguous",
+         dict(tensor_block_start=torch.zeros(6, dtype=torch.int32)[::2])),
+        (r"num_blocks must be >= 0, got -1", dict(num_blocks=-1)),
+        (r"tensor_block_start holds no tensors \(1 entry\), but num_blocks is 3",
+         dict(tensor_block_start=torch.zeros(1, dtype=torch.int32))),
+    ]
+    for message, changes in refused:
+        with pytest.raises(ValueError, match=message):
+            call_grad_norm(lay, **changes)
+        with pytest.raises(ValueError, match=message):
+            call_update(lay, **changes)
+    assert recorder.calls == []
+    # Accepted: the last tensors of the table; a segment of empty tensors (no blocks); no tensors.
+    call_grad_norm(wide)
+    call_update(wide)
+    empty = dict(tensor_block_start=torch.zeros(3, dtype=torch.int32), num_blocks=0,
+                 block_sums=torch.zeros(2, 0))
+    call_grad_norm(lay, **empty)
+    call_grad_norm(lay, **{**empty, "tensor_block_start": torch.zeros(1, dtype=torch.int32),
+                           "tensor_offset": 2})
+    got = [(kw["num_segment_tensors"], kw["num_blocks"], kw["tensor_offset"], kw["num_tensors"])
+           for _, kw in recorder.calls]
+    assert got == [(2, 3, 3, 5), (2, 3, 3, 5), (2, 0, 0, 2), (0, 0, 2, 2)]
+
+
 def test_cpu_tensors_are_refused(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_module", RecordingExtension())
     lay = cpu_layout()
-    with pytest.raises(ValueError, match=r"block_tensor must be a CUDA tensor, got device cpu"):
-        cuda_backend.grad_norm(torch.float32, lay.block_tensor, lay.table, None, lay.block_sums)
-    with pytest.raises(ValueError, match=r"block_tensor must be a CUDA tensor, got device cpu"):
+    with pytest.raises(ValueError, match=r"tensor_block_start must be a CUDA tensor, got device cpu"):
+        call_grad_norm(lay)
+    with pytest.raises(ValueError, match=r"tensor_block_start must be a CUDA tensor, got device cpu"):
         call_update(lay, "lion")
 
 
@@ -270,10 +332,11 @@ def _documented_arguments(function):
 def test_wrapper_passes_what_the_binding_expects(recorder):
     """Pointers, sizes, strides and codes reach the binding under its own argument names (the
     real module's, when it is built)."""
-    lay = cpu_layout()
+    lay = cpu_layout(tensor_offset=1)
     nb = lay.num_blocks
     scale = torch.ones(1)
-    cuda_backend.grad_norm(torch.bfloat16, lay.block_tensor, lay.table, scale, lay.block_sums)
+    cuda_backend.grad_norm(torch.bfloat16, lay.tensor_block_start, nb, 1, lay.table, scale,
+                           lay.block_sums)
     values = torch.zeros(6, nb + 5)[:, :nb]  # a view with row stride nb + 5
     out = torch.zeros(6, 7)
     cuda_backend.tensor_reduce(values, lay.tensor_block_start, (0, 0, 1, 2, 0, 0), out, 3)
@@ -281,17 +344,18 @@ def test_wrapper_passes_what_the_binding_expects(recorder):
     cuda_backend.finalize(sums, lay.table, lay.step, lay.globals, scale, tracker, None, 1.0, 2.0,
                           0.5, 100, True)
     partials = torch.zeros(6, nb + 2)[:, :nb]
-    cuda_backend.update("adamw", torch.float16, lay.block_tensor, lay.table, lay.state1,
-                        lay.state2, lay.step, lay.hyper, lay.globals, partials)
-    cuda_backend.update("lion", torch.float32, lay.block_tensor, lay.table, lay.state1, None,
-                        lay.step, lay.hyper, lay.globals, None)
+    cuda_backend.update("adamw", torch.float16, lay.tensor_block_start, nb, 1, lay.table,
+                        lay.state1, lay.state2, lay.step, lay.hyper, lay.globals, partials)
+    cuda_backend.update("lion", torch.float32, lay.tensor_block_start, nb, 1, lay.table,
+                        lay.state1, None, lay.step, lay.hyper, lay.globals, None)
     calls = recorder.calls
     assert [name for name, _ in calls] == ["grad_norm", "tensor_reduce", "finalize", "update",
                                            "update"]
     assert calls[0][1] == dict(
-        dtype=1, block_tensor=lay.block_tensor.data_ptr(), num_blocks=nb,
-        tensor_table=lay.table.data_ptr(), num_tensors=2, scale=scale.data_ptr(),
-        block_sums=lay.block_sums.data_ptr(), block_sums_stride=nb, device=0, stream=1234)
+        dtype=1, tensor_block_start=lay.tensor_block_start.data_ptr(), num_segment_tensors=2,
+        num_blocks=nb, tensor_offset=1, tensor_table=lay.table.data_ptr(), num_tensors=3,
+        scale=scale.data_ptr(), block_sums=lay.block_sums.data_ptr(), block_sums_stride=nb,
+        device=0, stream=1234)
     assert calls[1][1] == dict(
         block_values=values.data_ptr(), values_stride=nb + 5,
         tensor_block_start=lay.tensor_block_start.data_ptr(), num_tensors=2,
@@ -299,12 +363,13 @@ def test_wrapper_passes_what_the_binding_expects(recorder):
         stream=1234)
     assert calls[2][1] == dict(
         tensor_sums=sums.data_ptr(), sums_stride=9, num_tensors_all=9,
-        tensor_table=lay.table.data_ptr(), tensor_step=lay.step.data_ptr(), num_tensors_dev=2,
+        tensor_table=lay.table.data_ptr(), tensor_step=lay.step.data_ptr(), num_tensors_dev=3,
         globals=lay.globals.data_ptr(), scale=scale.data_ptr(), growth_tracker=tracker.data_ptr(),
         found_inf_in=0, max_grad_norm=1.0, growth_factor=2.0, backoff_factor=0.5,
         growth_interval=100, update_scale=True, device=0, stream=1234)
-    common = dict(block_tensor=lay.block_tensor.data_ptr(), num_blocks=nb,
-                  tensor_table=lay.table.data_ptr(), num_tensors=2, state1=lay.state1.data_ptr(),
+    common = dict(tensor_block_start=lay.tensor_block_start.data_ptr(), num_segment_tensors=2,
+                  num_blocks=nb, tensor_offset=1, tensor_table=lay.table.data_ptr(),
+                  num_tensors=3, state1=lay.state1.data_ptr(),
                   state_dtype=0, tensor_step=lay.step.data_ptr(), hyper=lay.hyper.data_ptr(),
                   globals=lay.globals.data_ptr(), remainder=0, master_bits=0, scale1=0,
                   scale2=0, device=0, stream=1234)
@@ -323,16 +388,32 @@ def test_compiled_module_checks_raw_arguments():
     c = _extension()
     if c is None:
         pytest.skip("fusedopt._C is not built (pip install -e . with nvcc on PATH)")
-    gn = dict(dtype=0, block_tensor=16, num_blocks=1, tensor_table=16, num_tensors=1, scale=0,
-              block_sums=16, block_sums_stride=1, device=0, stream=0)
+    gn = dict(dtype=0, tensor_block_start=16, num_segment_tensors=1, num_blocks=1,
+              tensor_offset=0, tensor_table=16, num_tensors=1, scale=0, block_sums=16,
+              block_sums_stride=1, device=0, stream=0)
     with pytest.raises(ValueError, match=r"grad_norm: tensor_table must be a non-null device pointer"):
         c.grad_norm(**{**gn, "tensor_table": 0})
+    with pytest.raises(ValueError, match=r"grad_norm: tensor_block_start must be a non-null device "
+                                         r"pointer"):
+        c.grad_norm(**{**gn, "tensor_block_start": 0})
     with pytest.raises(ValueError, match=r"grad_norm: dtype must be 0 \(float32\)"):
         c.grad_norm(**{**gn, "dtype": 3})
     with pytest.raises(ValueError, match=r"grad_norm: num_blocks must be in \[0, 2147483647\]"):
         c.grad_norm(**{**gn, "num_blocks": -1})
-    with pytest.raises(ValueError, match=r"grad_norm: num_tensors must be >= 1 when num_blocks > 0"):
-        c.grad_norm(**{**gn, "num_tensors": 0})
+    with pytest.raises(ValueError, match=r"grad_norm: num_segment_tensors must be in \[0, "
+                                         r"2147483647\], got -1"):
+        c.grad_norm(**{**gn, "num_segment_tensors": -1})
+    with pytest.raises(ValueError, match=r"grad_norm: num_segment_tensors must be >= 1 when "
+                                         r"num_blocks > 0"):
+        c.grad_norm(**{**gn, "num_segment_tensors": 0})
+    for offset, segment, tensors in ((1, 1, 1), (-1, 1, 1), (0, 2, 1), (3, 2, 4), (0, 1, 0)):
+        with pytest.raises(ValueError, match=rf"grad_norm: tensor_offset \+ num_segment_tensors "
+                                             rf"must lie within the tensor table's num_tensors "
+                                             rf"columns, got tensor_offset {offset}, "
+                                             rf"num_segment_tensors {segment}, "
+                                             rf"num_tensors {tensors}"):
+            c.grad_norm(**{**gn, "tensor_offset": offset, "num_segment_tensors": segment,
+                           "num_tensors": tensors})
     with pytest.raises(ValueError, match=r"grad_norm: block_sums_stride must be >= 5"):
         c.grad_norm(**{**gn, "num_blocks": 5, "block_sums_stride": 4})
     tr = dict(block_values=16, values_stride=1, tensor_block_start=16, num_tensors=1, ops=[0],
@@ -353,10 +434,10 @@ def test_compiled_module_checks_raw_arguments():
         c.finalize(**{**fin, "growth_tracker": 0, "growth_interval": 10})
     with pytest.raises(ValueError, match=r"finalize: tensor_table must be a non-null"):
         c.finalize(**{**fin, "tensor_table": 0, "growth_interval": 10})
-    up = dict(algorithm="adamw", dtype=0, block_tensor=16, num_blocks=1, tensor_table=16,
-              num_tensors=1, state1=16, state2=16, state_dtype=0, tensor_step=16, hyper=16,
-              globals=16, stats_partials=0, stats_stride=0, remainder=0, master_bits=0, scale1=0,
-              scale2=0, device=0, stream=0)
+    up = dict(algorithm="adamw", dtype=0, tensor_block_start=16, num_segment_tensors=1,
+              num_blocks=1, tensor_offset=0, tensor_table=16, num_tensors=1, state1=16, state2=16,
+              state_dtype=0, tensor_step=16, hyper=16, globals=16, stats_partials=0,
+              stats_stride=0, remainder=0, master_bits=0, scale1=0, scale2=0, device=0, stream=0)
     with pytest.raises(ValueError, match=r"update: algorithm must be one of 'adamw', 'sgd', "
                                          r"'lion', got 'adam'"):
         c.update(**{**up, "algorithm": "adam"})
@@ -367,12 +448,23 @@ def test_compiled_module_checks_raw_arguments():
             c.update(**{**up, "algorithm": one_state})
     with pytest.raises(ValueError, match=r"update: stats_stride must be >= 1, got 0"):
         c.update(**{**up, "stats_partials": 16})
-    with pytest.raises(ValueError, match=r"update: block_tensor must be a non-null"):
-        c.update(**{**up, "block_tensor": 0})
-    # An empty segment launches nothing: its (empty) tensors may have null data pointers.
-    c.update(**{**up, "num_blocks": 0, "block_tensor": 0, "state1": 0, "state2": 0, "stream": 0})
-    c.grad_norm(**{**gn, "num_blocks": 0, "block_tensor": 0, "block_sums": 0,
-                   "block_sums_stride": 0})
+    with pytest.raises(ValueError, match=r"update: tensor_block_start must be a non-null"):
+        c.update(**{**up, "tensor_block_start": 0})
+    with pytest.raises(ValueError, match=r"update: num_segment_tensors must be >= 1 when "
+                                         r"num_blocks > 0"):
+        c.update(**{**up, "num_segment_tensors": 0})
+    with pytest.raises(ValueError, match=r"update: tensor_offset \+ num_segment_tensors must lie "
+                                         r"within .*got tensor_offset 2, num_segment_tensors 2, "
+                                         r"num_tensors 3"):
+        c.update(**{**up, "tensor_offset": 2, "num_segment_tensors": 2, "num_tensors": 3})
+    # An empty segment launches nothing: its (empty) tensors may have null data pointers, and a
+    # segment without blocks may have no tensors.
+    for segment in (0, 2):
+        c.update(**{**up, "num_blocks": 0, "tensor_block_start": 0, "num_segment_tensors": segment,
+                    "num_tensors": 2, "state1": 0, "state2": 0, "stream": 0})
+        c.grad_norm(**{**gn, "num_blocks": 0, "tensor_block_start": 0,
+                       "num_segment_tensors": segment, "num_tensors": 2, "block_sums": 0,
+                       "block_sums_stride": 0})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,13 +516,14 @@ def algorithm_module(algorithm):
 
 
 class Segment:
-    """TENSORS on `device`: params and grads where their owners put them, the device's tensor
-    table, and one segment (every tensor but the first) with its state buffers."""
+    """`specs` (TENSORS) on `device`: params and grads where their owners put them, the device's
+    tensor table, and one segment (the tensors not marked segment=False, consecutive in the
+    table) with its state buffers."""
 
-    def __init__(self, device, dtype, *, algorithm="adamw", seed=0, steps=STEPS):
+    def __init__(self, device, dtype, *, algorithm="adamw", seed=0, steps=STEPS, specs=TENSORS):
         gen = torch.Generator().manual_seed(seed)
         self.device, self.dtype, self.algorithm = device, dtype, algorithm
-        self.specs = TENSORS
+        self.specs = specs
         # One shared buffer each for the params and the grads that are views.
         cursor = {"param": 0, "grad": 0}
         offsets = []
@@ -460,17 +553,16 @@ class Segment:
                                          memory_format=memory_format)
                 memory_order(tensor).copy_(values)
                 (self.params if kind == "param" else self.grads).append(tensor)
-        # The segment: tensors 1.. in table order, each starting at a multiple of BLOCK.
-        self.tensor_offset = 1
+        # The segment: consecutive tensors of the table from tensor_offset on, each starting at a
+        # multiple of BLOCK (an empty tensor has no blocks).
         self.members = [t for t, spec in enumerate(self.specs) if spec.get("segment", True)]
-        assert self.members == list(range(self.tensor_offset, len(self.specs)))
-        blocks, block_start, state_start = [], [0], [0] * len(self.specs)
-        for t in self.members:
-            state_start[t] = len(blocks) * BLOCK
-            blocks += [t] * -(-self.params[t].numel() // BLOCK)
-            block_start.append(len(blocks))
-        self.num_blocks = len(blocks)
-        self.state_start = state_start
+        self.tensor_offset = self.members[0]
+        assert self.members == list(range(self.tensor_offset, self.members[-1] + 1))
+        self.block_start = block_starts([self.params[t].numel() for t in self.members])
+        self.num_blocks = self.block_start[-1]
+        self.state_start = [0] * len(self.specs)
+        for i, t in enumerate(self.members):
+            self.state_start[t] = self.block_start[i] * BLOCK
         table = torch.zeros(layout.TABLE_ROWS, len(self.specs), dtype=torch.int64)
         for t, spec in enumerate(self.specs):
             grad = self.grads[t]
@@ -478,19 +570,17 @@ class Segment:
             table[layout.GRAD_ADDR, t] = 0 if grad is None else grad.data_ptr()
             table[layout.GROUP, t] = -1 if grad is None else spec["group"]
             table[layout.NUMEL, t] = self.params[t].numel()
-            table[layout.BLOCK_START, t] = state_start[t]
-            table[layout.STATE_START, t] = state_start[t]
+            table[layout.STATE_START, t] = self.state_start[t]
         self.table = table.to(device)
         self.groups = table[layout.GROUP].tolist()
-        self.block_tensor = torch.tensor(blocks, dtype=torch.int32, device=device)
-        self.tensor_block_start = torch.tensor(block_start, dtype=torch.int32, device=device)
+        self.tensor_block_start = torch.tensor(self.block_start, dtype=torch.int32, device=device)
         self.step = torch.tensor(steps, dtype=torch.float32, device=device)
         # State: random where a tensor has elements, PAD in the padding of its last block.
         self.states = []
         for _ in range(len(algorithm_module(algorithm).STATE)):
             state = torch.full((self.num_blocks * BLOCK,), PAD, device=device)
             for t in self.members:
-                n, start = self.params[t].numel(), state_start[t]
+                n, start = self.params[t].numel(), self.state_start[t]
                 state[start:start + n] = torch.rand(n, generator=gen) * 1e-3
             self.states.append(state)
         self.globals = torch.zeros(layout.GLOBAL_SLOTS, device=device)
@@ -519,10 +609,15 @@ class Segment:
         start, n = self.state_start[t], self.params[t].numel()
         return [s[start:start + n] for s in states]
 
+    def segment_args(self):
+        """grad_norm's and update's arguments from tensor_block_start to tensor_table."""
+        return self.tensor_block_start, self.num_blocks, self.tensor_offset, self.table
+
     def block_span(self, b):
         """(tensor, first element in the tensor, element count) of segment block b."""
-        t = self.block_tensor[b].item()
-        first = b * BLOCK - self.state_start[t]
+        i = owner_of(self.block_start, b)
+        t = self.tensor_offset + i
+        first = (b - self.block_start[i]) * BLOCK
         return t, first, min(self.params[t].numel() - first, BLOCK)
 
     def unscaled_grad(self, t):
@@ -535,9 +630,9 @@ class Segment:
         rows = len(algorithm_module(self.algorithm).STATS)
         partials = (torch.full((rows, self.num_blocks), -5.0, device=self.device) if stats
                     else None)
-        cuda_backend.update(self.algorithm, self.dtype, self.block_tensor, self.table,
-                            self.states[0], self.states[1] if len(self.states) > 1 else None,
-                            self.step, hyper, self.globals, partials)
+        cuda_backend.update(self.algorithm, self.dtype, *self.segment_args(), self.states[0],
+                            self.states[1] if len(self.states) > 1 else None, self.step, hyper,
+                            self.globals, partials)
         return partials
 
 
@@ -690,15 +785,9 @@ def check_partials(seg, hyper, before, partials, *, found_inf):
         torch.testing.assert_close(column, exp, rtol=1e-5, atol=1e-30, msg=f"block {b}")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("scaled", [False, True], ids=["no_scale", "scale"])
-def test_grad_norm(cuda, dtype, scaled):
-    seg = Segment(cuda, dtype, seed=1)
-    loss_scale = 1024.0 if scaled else 1.0
-    scale = torch.tensor([loss_scale], device=cuda) if scaled else None
-    block_sums = torch.full((2, seg.num_blocks), -1.0, device=cuda)
-    cuda_backend.grad_norm(dtype, seg.block_tensor, seg.table, scale, block_sums)
+def check_block_sums(seg, block_sums, loss_scale):
+    """grad_norm's output against float64 sums of each block's (grad / loss_scale)^2 and its
+    non-finite flag; blocks of skipped tensors give 0, 0."""
     expected = torch.zeros(2, seg.num_blocks, dtype=torch.float64)
     for b in range(seg.num_blocks):
         t, first, count = seg.block_span(b)
@@ -709,12 +798,24 @@ def test_grad_norm(cuda, dtype, scaled):
         expected[1, b] = float(not torch.isfinite(g).all())
     torch.testing.assert_close(block_sums.double().cpu(), expected, rtol=1e-5, atol=0)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scaled", [False, True], ids=["no_scale", "scale"])
+def test_grad_norm(cuda, dtype, scaled):
+    seg = Segment(cuda, dtype, seed=1)
+    loss_scale = 1024.0 if scaled else 1.0
+    scale = torch.tensor([loss_scale], device=cuda) if scaled else None
+    block_sums = torch.full((2, seg.num_blocks), -1.0, device=cuda)
+    cuda_backend.grad_norm(dtype, *seg.segment_args(), scale, block_sums)
+    check_block_sums(seg, block_sums, loss_scale)
+
     # Non-finite values set the flag of their own block only; the other segment's tensor (0)
     # is not read.
     memory_order(seg.grads[6])[5 * BLOCK + 3] = float("nan")
     memory_order(seg.grads[4])[126] = float("-inf")
     memory_order(seg.grads[0])[0] = float("inf")
-    cuda_backend.grad_norm(dtype, seg.block_tensor, seg.table, scale, block_sums)
+    cuda_backend.grad_norm(dtype, *seg.segment_args(), scale, block_sums)
     flagged = torch.nonzero(block_sums[1].cpu()).flatten().tolist()
     first_block = {t: seg.state_start[t] // BLOCK for t in seg.members}
     assert flagged == [first_block[4], first_block[6] + 5]
@@ -724,9 +825,10 @@ def test_grad_norm(cuda, dtype, scaled):
 def test_grad_norm_flags_overflow_of_the_unscaled_value(cuda):
     """The flag is about grad * (1/scale): a finite fp16 grad can overflow once unscaled."""
     grad = torch.full((10,), 60000.0, dtype=torch.float16, device=cuda)
-    table = torch.tensor([[grad.data_ptr()], [grad.data_ptr()], [0], [10], [0], [0]], device=cuda)
+    table = torch.tensor([[grad.data_ptr()], [grad.data_ptr()], [0], [10], [0]], device=cuda)
     block_sums = torch.zeros(2, 1, device=cuda)
-    cuda_backend.grad_norm(torch.float16, torch.zeros(1, dtype=torch.int32, device=cuda), table,
+    starts = torch.tensor([0, 1], dtype=torch.int32, device=cuda)
+    cuda_backend.grad_norm(torch.float16, starts, 1, 0, table,
                            torch.tensor([2.0**-120], device=cuda), block_sums)
     assert block_sums[1, 0].item() == 1.0
 
@@ -873,6 +975,44 @@ def test_update_found_inf_writes_nothing(cuda, config, dtype, stats):
     check_update(seg, hyper, before, partials, found_inf=True)
 
 
+# A segment with empty tensors before, between and after non-empty ones (equal consecutive
+# tensor_block_start entries), behind two tensors of another segment (tensor_offset 2).
+EMPTY_TENSORS = (
+    dict(shape=(300,), group=0, segment=False),
+    dict(shape=(4097,), group=1, segment=False),
+    dict(shape=(0,), group=0),
+    dict(shape=(5000,), group=1),  # blocks 0-1
+    dict(shape=(0,), group=1),
+    dict(shape=(0, 7), group=0),
+    dict(shape=(2 * BLOCK,), group=0, param_view=0, grad_view=0),  # blocks 2-3, vector path
+    dict(shape=(0,), group=0, grad=False),
+    dict(shape=(127, 41), group=1, param_view=1, grad_view=3),  # blocks 4-5, scalar path
+    dict(shape=(1,), group=0),  # block 6
+    dict(shape=(0,), group=1),
+)
+EMPTY_STEPS = (4, 2, 3, 1, 5, 2, 3, 0, 7, 1, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_segment_with_empty_tensors(cuda, dtype):
+    """grad_norm and update find each block's tensor past the empty ones and at column
+    tensor_offset + i of the table; nothing of the other segment's tensors is read or written."""
+    seg = Segment(cuda, dtype, seed=6, steps=EMPTY_STEPS, specs=EMPTY_TENSORS)
+    assert seg.tensor_offset == 2
+    assert seg.block_start == [0, 0, 2, 2, 2, 4, 4, 6, 7, 7]
+    assert [seg.block_span(b)[0] for b in range(seg.num_blocks)] == [3, 3, 6, 6, 8, 8, 9]
+    memory_order(seg.grads[1])[0] = float("inf")  # the other segment's: would set a flag if read
+    block_sums = torch.full((2, seg.num_blocks), -1.0, device=cuda)
+    cuda_backend.grad_norm(dtype, *seg.segment_args(), torch.tensor([512.0], device=cuda),
+                           block_sums)
+    check_block_sums(seg, block_sums, 512.0)
+    hyper = seg.hyper_table(CONFIGS["adamw"][1])
+    before = seg.snapshot()
+    partials = seg.run_update(hyper, stats=True)
+    check_update(seg, hyper, before, partials, found_inf=False)
+
+
 def run_full_step(device, dtype, algorithm, seed):
     """grad_norm -> tensor_reduce -> finalize -> update (with statistics) -> tensor_reduce."""
     seg = Segment(device, dtype, algorithm=algorithm, seed=seed, steps=(0,) * len(TENSORS))
@@ -881,7 +1021,7 @@ def run_full_step(device, dtype, algorithm, seed):
     tensor_sums = torch.zeros(2, len(TENSORS), device=device)
     scale = torch.tensor([512.0], device=device)
     tracker = torch.zeros(1, dtype=torch.int32, device=device)
-    cuda_backend.grad_norm(dtype, seg.block_tensor, seg.table, scale, block_sums)
+    cuda_backend.grad_norm(dtype, *seg.segment_args(), scale, block_sums)
     cuda_backend.tensor_reduce(block_sums, seg.tensor_block_start, layout.GRAD_SUM_OPS,
                                tensor_sums, seg.tensor_offset)
     cuda_backend.finalize(tensor_sums, seg.table, seg.step, seg.globals, scale, tracker, None, 1.0,
@@ -924,8 +1064,8 @@ def test_update_beyond_2_31_elements(cuda):
     grad = torch.empty(n, dtype=torch.bfloat16, device=cuda).normal_()
     m = torch.zeros(num_blocks * BLOCK, device=cuda)
     v = torch.zeros(num_blocks * BLOCK, device=cuda)
-    table = torch.tensor([[param.data_ptr()], [grad.data_ptr()], [0], [n], [0], [0]], device=cuda)
-    block_tensor = torch.zeros(num_blocks, dtype=torch.int32, device=cuda)
+    table = torch.tensor([[param.data_ptr()], [grad.data_ptr()], [0], [n], [0]], device=cuda)
+    starts = torch.tensor([0, num_blocks], dtype=torch.int32, device=cuda)
     h = dict(lr=1e-2, max_lr=1e-2, weight_decay=0.1, corrected=0.0, beta1=0.9, beta2=0.999,
              eps=1e-8)
     columns = layout.hyper_columns(algorithm_module("adamw").HYPER)
@@ -938,7 +1078,7 @@ def test_update_beyond_2_31_elements(cuda):
     globals_[layout.CLIP_COEF] = 1.0
     step = torch.ones(1, device=cuda)
     block_sums = torch.empty(2, num_blocks, device=cuda)
-    cuda_backend.grad_norm(torch.bfloat16, block_tensor, table, None, block_sums)
+    cuda_backend.grad_norm(torch.bfloat16, starts, num_blocks, 0, table, None, block_sums)
     last = num_blocks - 1
     tail = grad[last * BLOCK:].float()
     assert block_sums[0, last].item() == pytest.approx(tail.double().square().sum().item(), rel=1e-5)
@@ -949,8 +1089,8 @@ def test_update_beyond_2_31_elements(cuda):
         p, _ = expected_step("adamw", param[sl].float().cpu(), grad[sl].float().cpu(),
                              [zeros, zeros], h, 1)
         expect[name] = p.to(torch.bfloat16)
-    cuda_backend.update("adamw", torch.bfloat16, block_tensor, table, m, v, step, hyper.to(cuda),
-                        globals_, None)
+    cuda_backend.update("adamw", torch.bfloat16, starts, num_blocks, 0, table, m, v, step,
+                        hyper.to(cuda), globals_, None)
     for name, sl in spans.items():
         assert_same_bits(param[sl].cpu(), expect[name], name)
     assert v[n - 1].item() > 0 and v[n].item() == 0.0  # the last element updated, padding not

@@ -156,10 +156,10 @@ def test_compiled_module_checks_tier_arguments():
     c = _extension()
     if c is None:
         pytest.skip("fusedopt._C is not built (pip install -e . with nvcc on PATH)")
-    up = dict(algorithm="adamw", dtype=1, block_tensor=16, num_blocks=1, tensor_table=16,
-              num_tensors=1, state1=16, state2=16, state_dtype=1, tensor_step=16, hyper=16,
-              globals=16, stats_partials=0, stats_stride=0, remainder=16, master_bits=32,
-              scale1=0, scale2=0, device=0, stream=0)
+    up = dict(algorithm="adamw", dtype=1, tensor_block_start=16, num_segment_tensors=1,
+              num_blocks=1, tensor_offset=0, tensor_table=16, num_tensors=1, state1=16, state2=16,
+              state_dtype=1, tensor_step=16, hyper=16, globals=16, stats_partials=0,
+              stats_stride=0, remainder=16, master_bits=32, scale1=0, scale2=0, device=0, stream=0)
     with pytest.raises(ValueError, match=r"update: state_dtype must be 0 \(float32\), 1 "
                                          r"\(bfloat16\) or 3 \(uint8: 8-bit state\), got 2"):
         c.update(**{**up, "state_dtype": 2})
@@ -187,9 +187,9 @@ def test_compiled_module_checks_tier_arguments():
                                          r"is 0"):
         c.update(**{**up, "master_bits": 0})
     # An empty segment launches nothing, with or without the tier.
-    c.update(**{**up, "num_blocks": 0, "block_tensor": 0, "state1": 0, "state2": 0,
+    c.update(**{**up, "num_blocks": 0, "tensor_block_start": 0, "state1": 0, "state2": 0,
                 "remainder": 0})
-    c.update(**{**up8, "num_blocks": 0, "block_tensor": 0, "state1": 0, "state2": 0,
+    c.update(**{**up8, "num_blocks": 0, "tensor_block_start": 0, "state1": 0, "state2": 0,
                 "remainder": 0, "scale1": 0, "scale2": 0})
 
 
@@ -250,10 +250,10 @@ class TierSegment(Segment):
         partials = (torch.full((rows, self.num_blocks), -5.0, device=self.device) if stats
                     else None)
         second = (lambda buffers: buffers[1] if len(buffers) > 1 else None)
-        cuda_backend.update(self.algorithm, self.dtype, self.block_tensor, self.table,
-                            self.states[0], second(self.states), self.step, hyper, self.globals,
-                            partials, self.remainder, self.bits,
-                            self.scales[0] if self.scales else None, second(self.scales))
+        cuda_backend.update(self.algorithm, self.dtype, *self.segment_args(), self.states[0],
+                            second(self.states), self.step, hyper, self.globals, partials,
+                            self.remainder, self.bits, self.scales[0] if self.scales else None,
+                            second(self.scales))
         return partials
 
     def snapshot(self):

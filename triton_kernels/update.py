@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 
 from .algorithms import REGISTRY
-from .layout import (BLOCK, BLOCK_START, CLIP_COEF, FOUND_INF, GRAD_ADDR, GROUP, HYPER_COLUMNS,
-                     INT8_GROUP, INT8_MIN_SCALE, INT8_SIGNED_MANTISSA, INT8_SPLIT,
-                     INT8_SQRT_MANTISSA, INT8_TOP_EXPONENT, INV_SCALE, NUMEL, PARAM_ADDR,
-                     STATE_ALIGN, STATE_START)
+from .layout import (BLOCK, CLIP_COEF, FOUND_INF, GRAD_ADDR, GROUP, HYPER_COLUMNS, INT8_GROUP,
+                     INT8_MIN_SCALE, INT8_SIGNED_MANTISSA, INT8_SPLIT, INT8_SQRT_MANTISSA,
+                     INT8_TOP_EXPONENT, INV_SCALE, NUMEL, PARAM_ADDR, STATE_ALIGN, STATE_START,
+                     block_owner)
 from .math import INTERPRETED
 
 
@@ -310,7 +310,8 @@ def _step_chunk(param, grad, state1, state2, scale1, scale2, remainder, state_el
     # With master weights the update stays in fp32 (no rounding to the param's dtype): the
     # split below keeps it whole (32 bits) or rounds it to 24.
     p_new, s1, s2, c0, c1, c2, c3, c4, c5 = ALGO_UPDATE(
-        p, g, s1, s2, k, mask, tl.float32 if MASTER_BITS > 0 else DTYPE, MASKED, STATS)
+        p, g, s1, s2, k, mask, tl.float32 if MASTER_BITS > 0 else DTYPE, MASKED, STATS,
+        STATE_INT8)
     if uses_state:
         h = tl.zeros(offsets.shape, dtype=tl.uint32)
         if STATE_BF16 or STATE_INT8:
@@ -414,8 +415,9 @@ def _observe_block(param, state1, state2, scale1, scale2, remainder, limit, row,
     _store_partials(stats_ptr, stats_stride, pid, c0, c1, c2, c3, c4, c5, NUM_STATS)
 
 
-@triton.jit
-def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_ptr, scale1_ptr,
+@triton.jit(do_not_specialize=["num_segment_tensors", "tensor_offset"])
+def update_kernel(tensor_block_start_ptr, num_segment_tensors, tensor_offset, table_ptr,
+                  num_tensors, state1_ptr, state2_ptr, scale1_ptr,
                   scale2_ptr, remainder_ptr, tensor_step_ptr, hyper_ptr, globals_ptr, stats_ptr,
                   stats_stride, ALGO_COEFFICIENTS: tl.constexpr, ALGO_UPDATE: tl.constexpr,
                   ALGO_REDUCE: tl.constexpr, ALGO_OBSERVE: tl.constexpr,
@@ -425,12 +427,12 @@ def update_kernel(block_tensor_ptr, table_ptr, num_tensors, state1_ptr, state2_p
                   STATE_INT8: tl.constexpr, SQRT1: tl.constexpr, SQRT2: tl.constexpr,
                   STATS: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
+    local = block_owner(tensor_block_start_ptr, num_segment_tensors, pid)
+    tensor = (tensor_offset + local).to(tl.int64)
     group = tl.load(table_ptr + GROUP * num_tensors + tensor)
     numel = tl.load(table_ptr + NUMEL * num_tensors + tensor)
-    # Both starts are multiples of BLOCK, so the tensor-relative start is one too.
-    first = tl.multiple_of(pid.to(tl.int64) * BLOCK
-                           - tl.load(table_ptr + BLOCK_START * num_tensors + tensor), BLOCK)
+    first = tl.multiple_of((pid - tl.load(tensor_block_start_ptr + local)).to(tl.int64) * BLOCK,
+                           BLOCK)
     # A multiple of STATE_ALIGN (the segment's layout): the hint keeps the state loads vectorized.
     state_element = tl.multiple_of(tl.load(table_ptr + STATE_START * num_tensors + tensor) + first,
                                    STATE_ALIGN)
@@ -517,16 +519,18 @@ def triton_dtype(dtype):
     return _TRITON_DTYPES[str(dtype)]
 
 
-def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_step, hyper,
-           globals_, stats_partials, remainder=None, master_bits=0, scale1=None, scale2=None):
-    """One step of `algorithm` over a segment; see docs/kernel_contract.md. `remainder` (int16
+def update(algorithm, dtype, tensor_block_start, num_blocks, tensor_offset, tensor_table, state1,
+           state2, tensor_step, hyper, globals_, stats_partials, remainder=None, master_bits=0,
+           scale1=None, scale2=None):
+    """One step of `algorithm` over the num_blocks blocks of a segment whose tensors start at
+    tensor_block_start (its tensor i is the table's column tensor_offset + i); see
+    docs/kernel_contract.md. `remainder` (int16
     for master_bits 32, uint8 for 24; bf16 params only) holds the master weights' low bits,
     addressed like the state (fusedopt/engine/master.py). state1 / state2 are fp32, bf16, or
     uint8 codes of 8-bit state with their group scale bytes scale1 / scale2
     (fusedopt/engine/int8.py)."""
     math = REGISTRY[algorithm]
     stats = stats_partials is not None
-    num_blocks = block_tensor.numel()
     if num_blocks == 0:
         return
     codes = tuple(math.STATE_CODES) + ("signed",) * (2 - len(math.STATE_CODES))
@@ -537,7 +541,8 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     else:
         warps, chunk, maxnreg = UPDATE_WARPS, UPDATE_CHUNK, None if stats else UPDATE_MAXNREG
     update_kernel[(num_blocks,)](
-        block_tensor, tensor_table, tensor_table.shape[1], state1,
+        tensor_block_start, tensor_block_start.numel() - 1, tensor_offset, tensor_table,
+        tensor_table.shape[1], state1,
         state2 if state2 is not None else state1,
         scale1 if scale1 is not None else state1,
         scale2 if scale2 is not None else (scale1 if scale1 is not None else state1),

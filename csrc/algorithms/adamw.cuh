@@ -1,6 +1,9 @@
 // AdamW / AdamC, element by element (torch.optim.AdamW's form; fusedopt/algorithms/adamw.py):
 //   p *= 1 - LR*WD*k; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
 //   p -= (LR / (1 - b1^t)) * (m / (sqrt(v) / sqrt(1 - b2^t) + EPS))
+// and with 8-bit state, whose update instruction issue bounds (no division by sqrt(1 - b2^t) per
+// element; fusedopt/algorithms/adamw.py, reference_update):
+//   p -= (LR / (1 - b1^t) * sqrt(1 - b2^t)) * (m / (sqrt(v) + EPS * sqrt(1 - b2^t)))
 // with k = LR / MAX_LR for AdamC (Defazio 2025, arXiv 2506.02285), else 1. State: exp_avg (m),
 // exp_avg_sq (v). Statistics: sum p_new^2, sum (p_new - p_old)^2, min/max/sum of
 // v-hat = v / (1 - b2^t), count(g^2 < v_prev) (the beta2-decay regime that precedes Adam loss
@@ -49,6 +52,8 @@ struct AdamW {
     float bc2_sqrt;   // sqrt(1 - b2^t)
     float bc2;        // 1 - b2^t, for v-hat
     float eps;
+    float step_size_int8;  // LR / (1 - b1^t) * sqrt(1 - b2^t)
+    float eps_int8;        // EPS * sqrt(1 - b2^t)
   };
 
   // Scalars are combined in fp64 and rounded once, as torch.optim does with Python floats
@@ -73,6 +78,8 @@ struct AdamW {
     c.bc2_sqrt = float(sqrt(bc2));
     c.bc2 = float(bc2);
     c.eps = row[kEps];
+    c.step_size_int8 = float(lr / bc1 * sqrt(bc2));
+    c.eps_int8 = float(double(c.eps) * sqrt(bc2));
     return c;
   }
 
@@ -89,7 +96,7 @@ struct AdamW {
   // splits it when storing); T: the type the statistics see the new param in (the param's storage
   // dtype, float for a master); g: the unscaled, clipped gradient; m, v: exp_avg, exp_avg_sq in
   // fp32 (the statistics see them before a bf16 state is rounded).
-  template <typename T, bool STATS>
+  template <typename T, bool STATS, bool INT8_STATE>
   static __device__ __forceinline__ void step_element(const Coeffs& c, float& p, float g, float& m, float& v,
                                                       float (&stats)[kStats]) {
     const float p_old = p;
@@ -97,7 +104,11 @@ struct AdamW {
     p = p * c.decay;
     m = c.beta1 * m + c.one_minus_beta1 * g;
     v = c.beta2 * v + c.one_minus_beta2 * (g * g);
-    p = p - c.step_size * (m / (sqrtf(v) / c.bc2_sqrt + c.eps));
+    if constexpr (INT8_STATE) {
+      p = p - c.step_size_int8 * (m / (sqrtf(v) + c.eps_int8));
+    } else {
+      p = p - c.step_size * (m / (sqrtf(v) / c.bc2_sqrt + c.eps));
+    }
     if constexpr (STATS) {
       const float p_new = round_to_storage<T>(p);
       const float dp = p_new - p_old;

@@ -61,7 +61,8 @@ struct Lion {
   // dtype, float for a master); g: the unscaled, clipped gradient; m: exp_avg in fp32. The decay
   // and the signed step round separately, in that order, as param.mul_(decay).add_(sign,
   // alpha=-lr).
-  template <typename T, bool STATS>
+  // INT8_STATE: 8-bit state takes the same form.
+  template <typename T, bool STATS, bool INT8_STATE>
   static __device__ __forceinline__ void step_element(const Coeffs& c, float& p, float g, float& m, float&,
                                                       float (&stats)[kStats]) {
     const float p_old = p;

@@ -60,7 +60,8 @@ struct Sgd {
   // p: the stored param widened to fp32 (or the fp32 master), returned updated (the kernel rounds or
   // splits it when storing); T: the type the statistics see the new param in (the param's storage
   // dtype, float for a master); g: the unscaled, clipped gradient; buf: momentum_buffer in fp32.
-  template <typename T, bool STATS>
+  // INT8_STATE: 8-bit state takes the same form.
+  template <typename T, bool STATS, bool INT8_STATE>
   static __device__ __forceinline__ void step_element(const Coeffs& c, float& p, float g, float& buf, float&,
                                                       float (&stats)[kStats]) {
     const float p_old = p;

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 
 import torch
 
@@ -154,33 +155,58 @@ def _tensor_table(tensor_table):
     return tensor_table.shape[1]
 
 
-def _segment(block_tensor, tensor_table):
-    """Checks a segment's block_tensor and the device's tensor table; returns (B, T)."""
-    _check("block_tensor", block_tensor, (torch.int32,), 1)
+def _host_int(name, value):
+    """A size the host knows, as a Python int; a tensor is refused (reading it would sync)."""
+    if isinstance(value, torch.Tensor) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return operator.index(value)
+
+
+def _segment(tensor_block_start, num_blocks, tensor_offset, tensor_table):
+    """Checks a segment against the device's tensor table: tensor i of the segment owns blocks
+    tensor_block_start[i] .. tensor_block_start[i + 1] - 1 (int32 [S + 1], its last entry
+    num_blocks) and is the table's column tensor_offset + i. The entries stay on the device, so
+    their consistency with num_blocks is the caller's to keep. Returns (S, B, tensor_offset, T)."""
+    _check("tensor_block_start", tensor_block_start, (torch.int32,), 1)
+    num_segment_tensors = tensor_block_start.numel() - 1
+    if num_segment_tensors < 0:
+        raise ValueError("tensor_block_start must hold S + 1 entries for the segment's S tensors, "
+                         "got 0")
     num_tensors = _tensor_table(tensor_table)
-    num_blocks = block_tensor.numel()
-    if num_blocks and not num_tensors:
-        raise ValueError(f"tensor_table has no tensors, but block_tensor has {num_blocks} blocks")
-    return num_blocks, num_tensors
+    num_blocks = _host_int("num_blocks", num_blocks)
+    tensor_offset = _host_int("tensor_offset", tensor_offset)
+    if num_blocks < 0:
+        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+    if num_blocks and not num_segment_tensors:
+        raise ValueError(f"tensor_block_start holds no tensors (1 entry), but num_blocks is "
+                         f"{num_blocks}")
+    if tensor_offset < 0 or tensor_offset + num_segment_tensors > num_tensors:
+        raise ValueError(f"tensor_offset {tensor_offset} + {num_segment_tensors} tensors exceeds "
+                         f"tensor_table's {num_tensors} columns")
+    return num_segment_tensors, num_blocks, tensor_offset, num_tensors
 
 
-def grad_norm(dtype, block_tensor, tensor_table, scale, block_sums) -> None:
+def grad_norm(dtype, tensor_block_start, num_blocks, tensor_offset, tensor_table, scale,
+              block_sums) -> None:
     """block_sums[0, b] = sum of (grad / scale)^2 over block b (fp32), block_sums[1, b] = 1.0 if
-    any such value is inf/NaN, for the blocks of one segment whose grads (at the table's
-    GRAD_ADDR) have storage dtype `dtype`. scale None means 1; skipped tensors give 0, 0."""
+    any such value is inf/NaN, for the num_blocks blocks of one segment whose grads (at the
+    table's GRAD_ADDR) have storage dtype `dtype`; the segment's tensors are tensor_block_start's
+    (see _segment). scale None means 1; skipped tensors give 0, 0."""
     c = _load()
     code = _storage_dtype(dtype)
-    num_blocks, num_tensors = _segment(block_tensor, tensor_table)
+    num_segment_tensors, num_blocks, tensor_offset, num_tensors = _segment(
+        tensor_block_start, num_blocks, tensor_offset, tensor_table)
     _check("scale", scale, (torch.float32,), 1, optional=True)
     _shape("scale", scale, (1,))
     _check("block_sums", block_sums, (torch.float32,), 2)
     _shape("block_sums", block_sums, (2, num_blocks))
-    device = _device(block_tensor=block_tensor, tensor_table=tensor_table, scale=scale,
-                     block_sums=block_sums)
+    device = _device(tensor_block_start=tensor_block_start, tensor_table=tensor_table,
+                     scale=scale, block_sums=block_sums)
     index, stream = _launch_context(device)
-    c.grad_norm(dtype=code, block_tensor=block_tensor.data_ptr(), num_blocks=num_blocks,
-                tensor_table=tensor_table.data_ptr(), num_tensors=num_tensors,
-                scale=_ptr(scale), block_sums=block_sums.data_ptr(),
+    c.grad_norm(dtype=code, tensor_block_start=tensor_block_start.data_ptr(),
+                num_segment_tensors=num_segment_tensors, num_blocks=num_blocks,
+                tensor_offset=tensor_offset, tensor_table=tensor_table.data_ptr(),
+                num_tensors=num_tensors, scale=_ptr(scale), block_sums=block_sums.data_ptr(),
                 block_sums_stride=_row_stride(block_sums), device=index, stream=stream)
 
 
@@ -308,17 +334,18 @@ def _check_scales(algorithm, states, state1, scale1, scale2):
     return codes
 
 
-def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_step, hyper,
-           globals_, stats_partials, remainder=None, master_bits=0, scale1=None,
-           scale2=None) -> None:
-    """One step of `algorithm` (a name of layout.ALGORITHMS) over the blocks of one segment whose
-    params and grads (at the table's addresses) have storage dtype `dtype`. state1, state2: the
-    algorithm's state buffers in declaration order, float32, bfloat16 (bf16 state, stored
-    rounded stochastically) or uint8 (8-bit state's codes, with scale1 / scale2), one shape and
-    dtype, holding each tensor's state from the table's STATE_START on (state2 None for a
-    one-state algorithm); their size against the table is the caller's to keep, as the table
-    lives on the device. stats_partials, if given, float32 [C, B] receives the per-block
-    statistics partials (C = the algorithm's statistics columns). remainder, master_bits: master
+def update(algorithm, dtype, tensor_block_start, num_blocks, tensor_offset, tensor_table, state1,
+           state2, tensor_step, hyper, globals_, stats_partials, remainder=None, master_bits=0,
+           scale1=None, scale2=None) -> None:
+    """One step of `algorithm` (a name of layout.ALGORITHMS) over the num_blocks blocks of one
+    segment (tensor_block_start, tensor_offset: see _segment) whose params and grads (at the
+    table's addresses) have storage dtype `dtype`. state1, state2: the algorithm's state buffers
+    in declaration order, float32, bfloat16 (bf16 state, stored rounded stochastically) or uint8
+    (8-bit state's codes, with scale1 / scale2), one shape and dtype, holding each tensor's state
+    from the table's STATE_START on (state2 None for a one-state algorithm); their size against
+    the table is the caller's to keep, as the table lives on the device. stats_partials, if
+    given, float32 [C, num_blocks] receives the per-block statistics partials (C = the
+    algorithm's statistics columns). remainder, master_bits: master
     weights for bfloat16 params (fusedopt/engine/master.py), the masters' low bits laid out like
     the state, int16 for master_bits 32 and uint8 for 24; None and 0 without them. scale1,
     scale2: 8-bit state's group scale bytes (fusedopt/engine/int8.py), uint8, one per
@@ -333,7 +360,8 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
                          f"{', '.join(map(repr, compiled))}): rebuild it with `pip install -e .`")
     states, stats = compiled[algorithm]["states"], compiled[algorithm]["stats"]
     code = _storage_dtype(dtype)
-    num_blocks, num_tensors = _segment(block_tensor, tensor_table)
+    num_segment_tensors, num_blocks, tensor_offset, num_tensors = _segment(
+        tensor_block_start, num_blocks, tensor_offset, tensor_table)
     int8_state = _check_scales(algorithm, states, state1, scale1, scale2)
     state_dtypes = (int8.CODES_DTYPE,) if int8_state else STATE_DTYPES
     _check("state1", state1, state_dtypes, 1)
@@ -356,14 +384,15 @@ def update(algorithm, dtype, block_tensor, tensor_table, state1, state2, tensor_
     _shape("globals_", globals_, (layout.GLOBAL_SLOTS,))
     _check("stats_partials", stats_partials, (torch.float32,), 2, optional=True)
     _shape("stats_partials", stats_partials, (stats, num_blocks))
-    device = _device(block_tensor=block_tensor, tensor_table=tensor_table, state1=state1,
-                     state2=state2, remainder=remainder, scale1=scale1, scale2=scale2,
-                     tensor_step=tensor_step, hyper=hyper, globals_=globals_,
+    device = _device(tensor_block_start=tensor_block_start, tensor_table=tensor_table,
+                     state1=state1, state2=state2, remainder=remainder, scale1=scale1,
+                     scale2=scale2, tensor_step=tensor_step, hyper=hyper, globals_=globals_,
                      stats_partials=stats_partials)
     index, stream = _launch_context(device)
-    c.update(algorithm=algorithm, dtype=code, block_tensor=block_tensor.data_ptr(),
-             num_blocks=num_blocks, tensor_table=tensor_table.data_ptr(), num_tensors=num_tensors,
-             state1=state1.data_ptr(), state2=_ptr(state2),
+    c.update(algorithm=algorithm, dtype=code, tensor_block_start=tensor_block_start.data_ptr(),
+             num_segment_tensors=num_segment_tensors, num_blocks=num_blocks,
+             tensor_offset=tensor_offset, tensor_table=tensor_table.data_ptr(),
+             num_tensors=num_tensors, state1=state1.data_ptr(), state2=_ptr(state2),
              state_dtype=_STATE_DTYPE_CODES[state1.dtype], tensor_step=tensor_step.data_ptr(),
              hyper=hyper.data_ptr(), globals=globals_.data_ptr(),
              stats_partials=_ptr(stats_partials),

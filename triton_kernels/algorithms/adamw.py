@@ -46,22 +46,27 @@ def uses_state(row):
 def coefficients(row, step):
     """The block's scalars, formed once in fp64 and rounded to fp32: decay, beta1, 1 - beta1,
     beta2, 1 - beta2, eps, step size, sqrt(1 - beta2^t), 1 - beta2^t; then the fp32
-    reciprocal of sqrt(1 - beta2^t), correctly rounded (math.divide_by_uniform)."""
+    reciprocal of sqrt(1 - beta2^t), correctly rounded (math.divide_by_uniform); then 8-bit
+    state's eps * sqrt(1 - beta2^t) and step size * sqrt(1 - beta2^t)."""
     lr, decay = lr_and_decay(row)
     beta1 = tl.load(row + BETA1).to(tl.float64)
     beta2 = tl.load(row + BETA2).to(tl.float64)
     correction1 = 1.0 - power(beta1, step)
     correction2 = 1.0 - power(beta2, step)
-    correction2_sqrt = tl.sqrt(correction2).to(tl.float32)
+    correction2_sqrt = tl.sqrt(correction2)
+    eps = tl.load(row + EPS)
+    step_size = lr / correction1
     return (decay.to(tl.float32), beta1.to(tl.float32), (1.0 - beta1).to(tl.float32),
-            beta2.to(tl.float32), (1.0 - beta2).to(tl.float32), tl.load(row + EPS),
-            (lr / correction1).to(tl.float32), correction2_sqrt, correction2.to(tl.float32),
-            tl.div_rn(tl.full([], 1.0, tl.float32), correction2_sqrt))
+            beta2.to(tl.float32), (1.0 - beta2).to(tl.float32), eps, step_size.to(tl.float32),
+            correction2_sqrt.to(tl.float32), correction2.to(tl.float32),
+            tl.div_rn(tl.full([], 1.0, tl.float32), correction2_sqrt.to(tl.float32)),
+            (eps.to(tl.float64) * correction2_sqrt).to(tl.float32),
+            (step_size * correction2_sqrt).to(tl.float32))
 
 
 @triton.jit
 def update(p_old, g, m, v, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
-           STATS: tl.constexpr):
+           STATS: tl.constexpr, STATE_INT8: tl.constexpr):
     eps, step_size, correction2_sqrt = k[5], k[6], k[7]
     gg = g * g
     v_old = v
@@ -69,11 +74,18 @@ def update(p_old, g, m, v, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
     m = k[1] * m + k[2] * g
     v = k[3] * v + k[4] * gg
     # IEEE sqrt and division (Triton's defaults are approximate) to stay within rounding of
-    # torch's sqrt() and addcdiv_; the division by the block's sqrt(1 - beta2^t) from its
-    # reciprocal, rounded the same (8-bit state's update is issue-bound and spent ~10
-    # instructions an element on it).
-    denom = divide_by_uniform(tl.sqrt_rn(v), correction2_sqrt, k[9]) + eps
-    p_new = store_rounding(p - step_size * tl.div_rn(m, denom), DTYPE)
+    # torch's sqrt() and addcdiv_.
+    if STATE_INT8:
+        # 8-bit state's update is bound by instruction issue, and its moments are approximate
+        # anyway: sqrt(1 - beta2^t) moves into the block's scalars, m / (sqrt(v) + eps *
+        # sqrt(1 - beta2^t)) times step size * sqrt(1 - beta2^t), the same quotient without a
+        # division by it (6 instructions an element).
+        p_new = store_rounding(p - k[11] * tl.div_rn(m, tl.sqrt_rn(v) + k[10]), DTYPE)
+    else:
+        # The division by the block's sqrt(1 - beta2^t) from its reciprocal, rounded as IEEE
+        # division rounds it.
+        denom = divide_by_uniform(tl.sqrt_rn(v), correction2_sqrt, k[9]) + eps
+        p_new = store_rounding(p - step_size * tl.div_rn(m, denom), DTYPE)
     t0, t1, t2, t3, t4, t5 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     if STATS:
         weight_sq, delta_sq = common_stats(p_new.to(tl.float32), p_old, mask, MASKED)

@@ -41,7 +41,7 @@ def coefficients(row, step):
 
 @triton.jit
 def update(p_old, g, m, unused, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
-           STATS: tl.constexpr):
+           STATS: tl.constexpr, STATE_INT8: tl.constexpr):
     c = k[2] * m + k[3] * g
     sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
     p_new = store_rounding(p_old * k[1] - k[0] * sign, DTYPE)

@@ -40,7 +40,7 @@ def coefficients(row, step):
 
 @triton.jit
 def update(p_old, g, buf, unused, k, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr,
-           STATS: tl.constexpr):
+           STATS: tl.constexpr, STATE_INT8: tl.constexpr):
     weight_decay, momentum = k[0], k[1]
     direction = g
     if weight_decay != 0:

@@ -8,7 +8,8 @@ and the public classes. The engine and the kernels know an algorithm only throug
   STATS    (column, reduction op) of its statistics partials, layout.COMMON_STATS first
   validate(group)               raise ValueError naming the hyperparameter
   hyper_values(group)           {name in HYPER: float}
-  reference_update(param, grad, state, *, step, lr, weight_decay, **hyper)   in place
+  reference_update(param, grad, state, *, step, lr, weight_decay, int8_state, **hyper)
+                                in place; int8_state: the form 8-bit state's kernels take
   reference_stats(state, grad, state_before, step, hyper)   its own STATS columns' values
   figures(values, numel)        per-tensor figures from its own STATS columns
   load_step(entry)              the step count a saved torch.optim state entry implies

@@ -36,11 +36,15 @@ def hyper_values(group):
     return {"beta1": float(beta1), "beta2": float(beta2), "eps": float(group["eps"])}
 
 
-def reference_update(param, grad, state, *, step, lr, weight_decay, beta1, beta2, eps):
+def reference_update(param, grad, state, *, step, lr, weight_decay, beta1, beta2, eps,
+                     int8_state=False):
     """One AdamW step on one tensor, in place (torch.optim.AdamW's form of the update).
 
     `step` is the count after this step (t >= 1); `weight_decay` already carries the AdamC
-    factor. All tensors share one floating dtype.
+    factor. All tensors share one floating dtype. With `int8_state` (8-bit moments, whose
+    update the GPU's instruction issue bounds) sqrt(1 - beta2^t) moves from the division into
+    the scalars: m / (sqrt(v) + eps * sqrt(1 - beta2^t)) times lr / (1 - beta1^t) *
+    sqrt(1 - beta2^t), the same quotient up to rounding, without a division per element.
     """
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     param.mul_(1 - lr * weight_decay)
@@ -48,6 +52,11 @@ def reference_update(param, grad, state, *, step, lr, weight_decay, beta1, beta2
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
+    if int8_state:
+        correction2_sqrt = math.sqrt(bias_correction2)
+        denom = exp_avg_sq.sqrt() + eps * correction2_sqrt
+        param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1) * correction2_sqrt)
+        return
     denom = exp_avg_sq.sqrt() / math.sqrt(bias_correction2) + eps
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 

@@ -33,8 +33,10 @@ def hyper_values(group):
     return {"beta1": float(beta1), "beta2": float(beta2)}
 
 
-def reference_update(param, grad, state, *, step, lr, weight_decay, beta1, beta2):
-    """One Lion step on one tensor, in place; `weight_decay` already carries the LionC factor."""
+def reference_update(param, grad, state, *, step, lr, weight_decay, beta1, beta2,
+                     int8_state=False):
+    """One Lion step on one tensor, in place; `weight_decay` already carries the LionC factor.
+    8-bit state (int8_state) takes the same form."""
     exp_avg = state["exp_avg"]
     direction = (exp_avg * beta1).add_(grad, alpha=1 - beta1).sign_()
     param.mul_(1 - lr * weight_decay).add_(direction, alpha=-lr)

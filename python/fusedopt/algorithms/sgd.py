@@ -31,10 +31,11 @@ def hyper_values(group):
 
 
 def reference_update(param, grad, state, *, step, lr, weight_decay, momentum, dampening,
-                     nesterov):
+                     nesterov, int8_state=False):
     """One torch.optim.SGD step on one tensor, in place; `weight_decay` already carries the
     SGDC factor. The momentum buffer is initialised to the first step's direction (torch's
-    buffer-is-None case), which here is step == 1."""
+    buffer-is-None case), which here is step == 1. 8-bit state (int8_state) takes the same
+    form."""
     buffer = state["momentum_buffer"]
     direction = grad
     if weight_decay != 0:

@@ -15,11 +15,11 @@ BLOCK = 4096
 
 # Rows of the per-device tensor table, int64 [TABLE_ROWS, T]: where each tensor lives this step.
 # Params and grads stay where their owners put them; the kernels reach them through these
-# addresses. BLOCK_START is the tensor's first block in its segment, times BLOCK: block b covers
-# the tensor's elements from b * BLOCK - BLOCK_START on (no block spans two tensors). Its state
-# starts at element STATE_START of the segment's flat state buffers, a multiple of STATE_ALIGN.
-TABLE_ROWS_NAMES = ("param_addr", "grad_addr", "group", "numel", "block_start", "state_start")
-PARAM_ADDR, GRAD_ADDR, GROUP, NUMEL, BLOCK_START, STATE_START = range(len(TABLE_ROWS_NAMES))
+# addresses. A tensor's state starts at element STATE_START of the segment's flat state buffers,
+# a multiple of STATE_ALIGN. Which tensor a kernel block covers (no block spans two) comes from
+# the segment's tensor_block_start, each tensor's first block (docs/kernel_contract.md).
+TABLE_ROWS_NAMES = ("param_addr", "grad_addr", "group", "numel", "state_start")
+PARAM_ADDR, GRAD_ADDR, GROUP, NUMEL, STATE_START = range(len(TABLE_ROWS_NAMES))
 TABLE_ROWS = len(TABLE_ROWS_NAMES)
 
 # Each tensor's state starts on a 128-byte line of fp32: the kernels' 16-byte vector loads stay

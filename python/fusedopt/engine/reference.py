@@ -177,7 +177,8 @@ def reference_step(algorithm, tensors, *, scale=1.0, max_grad_norm=None,
             k = decay_multiplier(h.pop("lr"), h.pop("max_lr"), h.pop("corrected"))
             algorithm.reference_update(param, grad.to(param.dtype), state, step=t.step,
                                        lr=t.hyper["lr"],
-                                       weight_decay=h.pop("weight_decay") * k, **h)
+                                       weight_decay=h.pop("weight_decay") * k,
+                                       int8_state=t.scales is not None, **h)
             t.store(param)
             if rounded_state:
                 t.store_state(state)

@@ -202,10 +202,12 @@ class Engine:
     def _gather(self, ds):
         """The addresses of every param and grad of one device, and which params have grads;
         uploaded if anything changed. Runs every step, so the common case (nothing moved, every
-        param contiguous with a contiguous grad) is three list comprehensions: at 1200 tensors
-        each Python operation per param costs about 0.1 ms a step."""
+        param contiguous with a contiguous grad) is three passes over the lists: at 1200 tensors
+        each Python operation per param costs about 0.1 ms a step. The passes map unbound
+        methods, which skips a method lookup per tensor (data_ptr of 1200 tensors: 0.098 against
+        0.124 ms as a list comprehension, on this project's CPU machine)."""
         tensors, grads = ds.walked()
-        ptrs = [t.data_ptr() for t in tensors]
+        ptrs = list(map(torch.Tensor.data_ptr, tensors))
         if ptrs != ds.known_ptrs:
             for i, (p, t, ptr) in enumerate(zip(ds.params, tensors, ptrs)):
                 if ptr != ds.known_ptrs[i]:
@@ -213,14 +215,14 @@ class Engine:
                         return True
                     ds.note_moved(i, t)
         try:
-            # map over the unbound method: about 3x faster than a generator expression at 1200
-            # grads. A None grad raises TypeError, a sparse one RuntimeError (some torch
-            # versions): the loop below handles both.
+            # About 3x faster than a generator expression at 1200 grads. A None grad raises
+            # TypeError, a sparse one RuntimeError (some torch versions): the loop below handles
+            # both.
             fast = ds.all_contiguous and all(map(torch.Tensor.is_contiguous, grads))
         except (TypeError, RuntimeError):
             fast = False
         if fast:
-            grad_ptrs, groups = [g.data_ptr() for g in grads], ds.groups
+            grad_ptrs, groups = list(map(torch.Tensor.data_ptr, grads)), ds.groups
         else:
             grad_ptrs, groups = self._grads_one_by_one(ds, tensors, grads)
         ds.upload_addresses(ptrs, grad_ptrs, groups)
@@ -300,7 +302,8 @@ class Engine:
             scale = None if scaling.already_unscaled else scales[ds.device]
             for seg in ds.segments:
                 block_sums = seg.block_workspace(len(layout.GRAD_SUM_OPS))
-                kernels.grad_norm(seg.dtype, seg.block_tensor, ds.table, scale, block_sums)
+                kernels.grad_norm(seg.dtype, seg.tensor_block_start, seg.num_blocks,
+                                  seg.tensor_offset, ds.table, scale, block_sums)
                 kernels.tensor_reduce(block_sums, seg.tensor_block_start, layout.GRAD_SUM_OPS,
                                       ds.tensor_sums, seg.tensor_offset)
         found_inf = {ds.device: scaling.found_inf_on(ds.device) for ds in devices}
@@ -325,8 +328,8 @@ class Engine:
                 ds.globals[layout.INV_SCALE].fill_(1.0)
             for seg in ds.segments:
                 partials = seg.block_workspace(len(stat_ops)) if collect_stats else None
-                kernels.update(self.algorithm.NAME, seg.dtype, seg.block_tensor, ds.table,
-                               *seg.state_pair(), ds.tensor_step, ds.hyper, ds.globals, partials,
+                kernels.update(self.algorithm.NAME, seg.dtype, seg.tensor_block_start,
+                               seg.num_blocks, seg.tensor_offset, ds.table, *seg.state_pair(), ds.tensor_step, ds.hyper, ds.globals, partials,
                                seg.remainder, seg.master_bits or 0, *seg.scale_pair())
                 if partials is not None:
                     kernels.tensor_reduce(partials, seg.tensor_block_start, stat_ops,

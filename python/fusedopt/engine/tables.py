@@ -19,7 +19,6 @@ import torch
 
 from fusedopt import distributed
 from fusedopt.engine import int8, layout, master
-from fusedopt.engine.layout import BLOCK
 
 
 def is_dense(tensor) -> bool:
@@ -49,8 +48,10 @@ def state_dtype(param_dtype):
 class Segment:
     """The tensors of one (device, dtype): block table and the optimizer's flat state.
 
-    `tensor_offset` is the device-local index of the first tensor: block_tensor holds
-    device-local indices so that all segments of a device share one tensor table.
+    `tensor_offset` is the device-local index of the first tensor: the segment's tensor i is
+    column tensor_offset + i of the device's tensor table, which all its segments share.
+    `tensor_block_start` holds each tensor's first kernel block and the segment's block count;
+    the kernels find a block's tensor by a search over it.
     """
 
     def __init__(self, params, device, dtype, tensor_offset, state_names, master_bits=None,
@@ -66,12 +67,7 @@ class Segment:
             self.state_starts.append(total)
             total += layout.state_span(p.numel())
             block_start.append(block_start[-1] + layout.blocks_of(p.numel()))
-        self.block_starts = [b * BLOCK for b in block_start[:-1]]
         self.num_blocks = block_start[-1]
-        block_tensor = torch.empty(self.num_blocks, dtype=torch.int32)
-        for i in range(len(self.params)):
-            block_tensor[block_start[i]:block_start[i + 1]] = tensor_offset + i
-        self.block_tensor = block_tensor.to(device)
         self.tensor_block_start = torch.tensor(block_start, dtype=torch.int32, device=device)
         self.state_storage = state_storage or state_dtype(dtype)
         self.states = {name: torch.zeros(total, dtype=self.state_storage, device=device)
@@ -184,7 +180,6 @@ class DeviceTables:
         self.contiguous = [t.is_contiguous() for t in tensors]
         self.all_contiguous = all(self.contiguous)
         self.static_rows = ([t.numel() for t in tensors],
-                            [start for s in segments for start in s.block_starts],
                             [start for s in segments for start in s.state_starts])
         self.table = torch.zeros(layout.TABLE_ROWS, num_tensors, dtype=torch.int64, device=device)
         self.uploaded = None
