@@ -641,10 +641,10 @@ def f32(x):
     return torch.tensor(x, dtype=torch.float32)
 
 
-def expected_step(algorithm, p, g, states, h, step):
+def expected_step(algorithm, p, g, states, h, step, int8_state=False):
     """The contract's element math (docs/kernel_contract.md, update) in fp32 torch ops on CPU, one
-    rounding per product, quotient, sum and sqrt in the kernels' order. Returns the new (p,
-    states)."""
+    rounding per product, quotient, sum and sqrt in the kernels' order; `int8_state`: the form
+    8-bit state takes. Returns the new (p, states)."""
     lr, wd = h["lr"], h["weight_decay"]
     k = lr / h["max_lr"] if h["corrected"] else 1.0
     if algorithm == "adamw":
@@ -658,7 +658,12 @@ def expected_step(algorithm, p, g, states, h, step):
         # rounded fp32 one); torch's CPU sqrt was 1 ulp off for 1 in ~6000 values on the H100
         # host (torch 2.11), where the kernel's sqrtf is IEEE.
         sqrt_v = v.double().sqrt().float()
-        p = p - step_size * (m / (sqrt_v / f32(math.sqrt(1 - b2 ** step)) + f32(h["eps"])))
+        if int8_state:
+            correction2_sqrt = math.sqrt(1 - b2 ** step)
+            eps = f32(h["eps"] * correction2_sqrt)
+            p = p - f32(lr / (1 - b1 ** step) * correction2_sqrt) * (m / (sqrt_v + eps))
+        else:
+            p = p - step_size * (m / (sqrt_v / f32(math.sqrt(1 - b2 ** step)) + f32(h["eps"])))
         return p, [m, v]
     if algorithm == "sgd":
         (buf,) = states

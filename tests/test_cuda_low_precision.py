@@ -294,7 +294,8 @@ class TierSegment(Segment):
         old = self.value(t, before)
         step = self.step[t].item()
         new, states = expected_step(self.algorithm, old, self.unscaled_grad(t),
-                                    self.state_values(t, before), hyper_of(self, hyper, t), step)
+                                    self.state_values(t, before), hyper_of(self, hyper, t), step,
+                                    int8_state=self.states[0].dtype == INT8)
         if self.bits:
             param, remainder = master.split(new, self.bits)
         else:
