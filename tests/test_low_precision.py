@@ -287,11 +287,14 @@ def test_kernels_match_the_reference_with_bf16_state(kernel_backend, device):
     torch.testing.assert_close(master_k, ref_master, **TOLERANCE[torch.float32])
     for name in ("exp_avg", "exp_avg_sq"):
         # The same random bits: the stored values agree except where the fp32 values, which
-        # differ by the kernels' fp32 betas (1e-5 relative on 1 - beta2), fall on either side
-        # of a rounding boundary (0.2% of v's elements; one bf16 ulp apart then).
+        # differ by the kernels' fp32 betas (1e-5 relative on 1 - beta2) and their fp32 block
+        # sums of the clipping norm, fall on either side of a rounding boundary (0.2% of v's
+        # elements; one bf16 ulp apart then). Such an element carries its ulp into the next
+        # step, whose rounding can add another: two ulps over these 3 steps (seen for 1 element
+        # of 9000 on an H200).
         same = (state_k[name] == ref_state[name]).float().mean()
         assert same > 0.99, (name, same)
-        torch.testing.assert_close(state_k[name].float(), ref_state[name].float(), rtol=2 ** -7,
+        torch.testing.assert_close(state_k[name].float(), ref_state[name].float(), rtol=2 ** -6,
                                    atol=0)
 
 
