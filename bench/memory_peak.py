@@ -10,7 +10,8 @@ frame of fusedopt, bench or transformers code that made them. Beside it, memory_
 allocated and of requested bytes: a difference in allocated bytes that requested bytes do not
 show is the allocator's rounding (a request served whole by a larger cached block), not more data.
 
-  python bench/memory_peak.py --model llama_1b --pipelines torch_fused_clip,fusedopt_adamw --out $OUT
+  python bench/memory_peak.py --model llama_1b \
+      --pipelines torch_fused_clip,fusedopt_adamw --out $OUT
 """
 from __future__ import annotations
 

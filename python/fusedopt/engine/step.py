@@ -329,7 +329,8 @@ class Engine:
             for seg in ds.segments:
                 partials = seg.block_workspace(len(stat_ops)) if collect_stats else None
                 kernels.update(self.algorithm.NAME, seg.dtype, seg.tensor_block_start,
-                               seg.num_blocks, seg.tensor_offset, ds.table, *seg.state_pair(), ds.tensor_step, ds.hyper, ds.globals, partials,
+                               seg.num_blocks, seg.tensor_offset, ds.table, *seg.state_pair(),
+                               ds.tensor_step, ds.hyper, ds.globals, partials,
                                seg.remainder, seg.master_bits or 0, *seg.scale_pair())
                 if partials is not None:
                     kernels.tensor_reduce(partials, seg.tensor_block_start, stat_ops,
