@@ -524,11 +524,10 @@ def update(algorithm, dtype, tensor_block_start, num_blocks, tensor_offset, tens
            scale1=None, scale2=None):
     """One step of `algorithm` over the num_blocks blocks of a segment whose tensors start at
     tensor_block_start (its tensor i is the table's column tensor_offset + i); see
-    docs/kernel_contract.md. `remainder` (int16
-    for master_bits 32, uint8 for 24; bf16 params only) holds the master weights' low bits,
-    addressed like the state (fusedopt/engine/master.py). state1 / state2 are fp32, bf16, or
-    uint8 codes of 8-bit state with their group scale bytes scale1 / scale2
-    (fusedopt/engine/int8.py)."""
+    docs/kernel_contract.md. `remainder` (int16 for master_bits 32, uint8 for 24; bf16 params
+    only) holds the master weights' low bits, addressed like the state
+    (fusedopt/engine/master.py). state1 / state2 are fp32, bf16, or uint8 codes of 8-bit state
+    with their group scale bytes scale1 / scale2 (fusedopt/engine/int8.py)."""
     math = REGISTRY[algorithm]
     stats = stats_partials is not None
     if num_blocks == 0:

@@ -74,12 +74,13 @@ struct AdamW {
     c.one_minus_beta1 = float(1.0 - b1);
     c.beta2 = float(b2);
     c.one_minus_beta2 = float(1.0 - b2);
+    const double bc2_sqrt = sqrt(bc2);
     c.step_size = float(lr / bc1);
-    c.bc2_sqrt = float(sqrt(bc2));
+    c.bc2_sqrt = float(bc2_sqrt);
     c.bc2 = float(bc2);
     c.eps = row[kEps];
-    c.step_size_int8 = float(lr / bc1 * sqrt(bc2));
-    c.eps_int8 = float(double(c.eps) * sqrt(bc2));
+    c.step_size_int8 = float(lr / bc1 * bc2_sqrt);
+    c.eps_int8 = float(double(c.eps) * bc2_sqrt);
     return c;
   }
 
